@@ -1,0 +1,91 @@
+// Command peerlink is the peerlink toolkit: servers, NAT profiling, the NAT labs and,
+// as they land, connecting peers.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"sort"
+	"syscall"
+)
+
+// command is one subcommand. run parses its own flags from args; it returns errUsage
+// (wrapped or not) for bad invocations so main exits with 2.
+type command struct {
+	summary string
+	run     func(ctx context.Context, args []string, stdout, stderr io.Writer) error
+}
+
+var errUsage = errors.New("usage")
+
+func commands() map[string]command {
+	return map[string]command{
+		"lab":     {"build, test and tear down the kernel NAT lab (root)", runLab},
+		"stun":    {"run a STUN server (RFC 8489, RFC 5780 with --alt-ip)", runSTUN},
+		"version": {"print the version", runVersion},
+	}
+}
+
+var version = "dev"
+
+func runVersion(_ context.Context, _ []string, stdout, _ io.Writer) error {
+	fmt.Fprintln(stdout, "peerlink", version)
+	return nil
+}
+
+func usage(w io.Writer) {
+	fmt.Fprintln(w, "peerlink: NAT traversal toolkit — direct, hole-punched or relayed connections between any two peers.")
+	fmt.Fprintln(w, "\nUsage: peerlink <command> [flags]\n\nCommands:")
+	cmds := commands()
+	names := make([]string, 0, len(cmds))
+	for n := range cmds {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	for _, n := range names {
+		fmt.Fprintf(w, "  %-10s %s\n", n, cmds[n].summary)
+	}
+	fmt.Fprintln(w, "\nRun 'peerlink <command> -h' for a command's flags and examples.")
+}
+
+func main() {
+	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
+}
+
+// run executes one command line and returns the process exit code: 0 success, 1 failure,
+// 2 bad usage.
+func run(args []string, stdout, stderr io.Writer) int {
+	if len(args) == 0 || args[0] == "-h" || args[0] == "--help" || args[0] == "help" {
+		usage(stdout)
+		if len(args) == 0 {
+			return 2
+		}
+		return 0
+	}
+	cmd, ok := commands()[args[0]]
+	if !ok {
+		fmt.Fprintf(stderr, "peerlink: unknown command %q\n\n", args[0])
+		usage(stderr)
+		return 2
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	err := cmd.run(ctx, args[1:], stdout, stderr)
+	switch {
+	case err == nil:
+		return 0
+	case errors.Is(err, flag.ErrHelp):
+		return 0
+	case errors.Is(err, errUsage):
+		fmt.Fprintf(stderr, "peerlink %s: %v\n", args[0], err)
+		return 2
+	default:
+		fmt.Fprintf(stderr, "peerlink %s: %v\n", args[0], err)
+		return 1
+	}
+}
