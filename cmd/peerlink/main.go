@@ -28,6 +28,7 @@ func commands() map[string]command {
 		"id":         {"print this node's NodeID (creating its identity on first use)", runID},
 		"lab":        {"build, test and tear down the kernel NAT lab (root)", runLab},
 		"netcheck":   {"profile the local NAT: mapping, filtering, allocation, public address", runNetcheck},
+		"relay":      {"run a TURN relay (RFC 8656)", runRelay},
 		"rendezvous": {"run the rendezvous (signaling) server alone", runRendezvous},
 		"stun":       {"run a STUN server (RFC 8489, RFC 5780 with --alt-ip)", runSTUN},
 		"version":    {"print the version", runVersion},
