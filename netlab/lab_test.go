@@ -26,7 +26,7 @@ func needRoot(t *testing.T) {
 		t.Skip("kernel NAT lab needs root (run as root or via make test)")
 	}
 	if err := CheckRoot(); err != nil {
-		t.Skip(err)
+		t.Fatalf("running as root, but the lab cannot be built (make test installs its tools): %v", err)
 	}
 }
 
