@@ -40,22 +40,23 @@ func TestMappingFromObservers(t *testing.T) {
 		return ServerResult{Addr: ap(server), Mapped: ap(mapped)}
 	}
 	tests := []struct {
-		name string
-		in   []ServerResult
-		want nat.Mapping
+		name  string
+		in    []ServerResult
+		want  nat.Mapping
+		exact bool
 	}{
-		{"same everywhere", []ServerResult{res("1.1.1.1:3478", "9.9.9.9:5000"), res("2.2.2.2:3478", "9.9.9.9:5000")}, nat.MappingEI},
-		{"differs by host, same per host", []ServerResult{res("1.1.1.1:3478", "9.9.9.9:5000"), res("1.1.1.1:3479", "9.9.9.9:5000"), res("2.2.2.2:3478", "9.9.9.9:5001")}, nat.MappingHD},
-		{"differs by port", []ServerResult{res("1.1.1.1:3478", "9.9.9.9:5000"), res("1.1.1.1:3479", "9.9.9.9:5002"), res("2.2.2.2:3478", "9.9.9.9:5001")}, nat.MappingPD},
-		{"differs, no same-host pair: assume PD", []ServerResult{res("1.1.1.1:3478", "9.9.9.9:5000"), res("2.2.2.2:3478", "9.9.9.9:5001")}, nat.MappingPD},
-		{"one observer", []ServerResult{res("1.1.1.1:3478", "9.9.9.9:5000")}, nat.MappingUnknown},
-		{"two ports of one host agree", []ServerResult{res("1.1.1.1:3478", "9.9.9.9:5000"), res("1.1.1.1:3479", "9.9.9.9:5000")}, nat.MappingUnknown},
-		{"silent observers ignored", []ServerResult{res("1.1.1.1:3478", "9.9.9.9:5000"), {Addr: ap("2.2.2.2:3478")}, res("3.3.3.3:3478", "9.9.9.9:5000")}, nat.MappingEI},
+		{"same everywhere", []ServerResult{res("1.1.1.1:3478", "9.9.9.9:5000"), res("2.2.2.2:3478", "9.9.9.9:5000")}, nat.MappingEI, true},
+		{"differs by host, same per host", []ServerResult{res("1.1.1.1:3478", "9.9.9.9:5000"), res("1.1.1.1:3479", "9.9.9.9:5000"), res("2.2.2.2:3478", "9.9.9.9:5001")}, nat.MappingHD, true},
+		{"differs by port", []ServerResult{res("1.1.1.1:3478", "9.9.9.9:5000"), res("1.1.1.1:3479", "9.9.9.9:5002"), res("2.2.2.2:3478", "9.9.9.9:5001")}, nat.MappingPD, true},
+		{"differs, no same-host pair: at least HD", []ServerResult{res("1.1.1.1:3478", "9.9.9.9:5000"), res("2.2.2.2:3478", "9.9.9.9:5001")}, nat.MappingHD, false},
+		{"one observer", []ServerResult{res("1.1.1.1:3478", "9.9.9.9:5000")}, nat.MappingUnknown, false},
+		{"two ports of one host agree", []ServerResult{res("1.1.1.1:3478", "9.9.9.9:5000"), res("1.1.1.1:3479", "9.9.9.9:5000")}, nat.MappingUnknown, false},
+		{"silent observers ignored", []ServerResult{res("1.1.1.1:3478", "9.9.9.9:5000"), {Addr: ap("2.2.2.2:3478")}, res("3.3.3.3:3478", "9.9.9.9:5000")}, nat.MappingEI, true},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			if got, _ := mappingFromObservers(tt.in); got != tt.want {
-				t.Errorf("mappingFromObservers = %v, want %v", got, tt.want)
+			if got, exact, _ := mappingFromObservers(tt.in); got != tt.want || exact != tt.exact {
+				t.Errorf("mappingFromObservers = %v exact %v, want %v exact %v", got, exact, tt.want, tt.exact)
 			}
 		})
 	}

@@ -2,6 +2,7 @@ package detect
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"net"
@@ -9,9 +10,8 @@ import (
 	"sync"
 	"time"
 
-	"github.com/pion/stun/v3"
-
 	"peerlink/clock"
+	"peerlink/stun"
 )
 
 // answer is what one Binding transaction learned.
@@ -32,10 +32,10 @@ type prober struct {
 	local netip.AddrPort
 
 	mu      sync.Mutex
-	pending map[[stun.TransactionIDSize]byte]chan answerOrErr
+	pending map[stun.TransactionID]chan answerOrErr
 	// hairpin is the transaction ID of a request this socket sent to its own public
 	// address; hairpinned is closed when that request comes back to it.
-	hairpin    [stun.TransactionIDSize]byte
+	hairpin    stun.TransactionID
 	hairpinned chan struct{}
 
 	done chan struct{}
@@ -51,7 +51,7 @@ func newProber(c clock.Clock, conn net.PacketConn) *prober {
 		clock:      c,
 		conn:       conn,
 		local:      addrPortOf(conn.LocalAddr()),
-		pending:    make(map[[stun.TransactionIDSize]byte]chan answerOrErr),
+		pending:    make(map[stun.TransactionID]chan answerOrErr),
 		hairpinned: make(chan struct{}),
 		done:       make(chan struct{}),
 	}
@@ -88,13 +88,12 @@ func (p *prober) handle(b []byte, from netip.AddrPort) {
 	if !stun.IsMessage(b) {
 		return
 	}
-	m := &stun.Message{Raw: append([]byte(nil), b...)}
-	if err := m.Decode(); err != nil {
-		return
-	}
-	p.mu.Lock()
-	if m.Type.Class == stun.ClassRequest {
-		if m.TransactionID == p.hairpin {
+	if binary.BigEndian.Uint16(b) == bindingRequest {
+		// Our own hairpin probe coming back is the only request this socket expects.
+		var id stun.TransactionID
+		copy(id[:], b[8:20])
+		p.mu.Lock()
+		if id == p.hairpin {
 			select {
 			case <-p.hairpinned:
 			default:
@@ -104,43 +103,26 @@ func (p *prober) handle(b []byte, from netip.AddrPort) {
 		p.mu.Unlock()
 		return
 	}
-	ch, ok := p.pending[m.TransactionID]
+	resp, err := stun.ParseBindingResponse(b)
+	var re *stun.ResponseError
+	if err != nil && !errors.As(err, &re) {
+		return // not a Binding response: not ours
+	}
+	p.mu.Lock()
+	ch, ok := p.pending[resp.TransactionID]
 	p.mu.Unlock()
 	if !ok {
 		return
 	}
-	var r answerOrErr
-	r.a.origin = from
-	switch m.Type.Class {
-	case stun.ClassErrorResponse:
-		var ec stun.ErrorCodeAttribute
-		if err := ec.GetFrom(m); err == nil {
-			r.a.code = int(ec.Code)
-		} else {
-			r.a.code = 400
-		}
-	case stun.ClassSuccessResponse:
-		var xa stun.XORMappedAddress
-		if err := xa.GetFrom(m); err == nil {
-			r.a.mapped = addrPortFromIP(xa.IP, xa.Port)
-		} else {
-			var ma stun.MappedAddress
-			if err := ma.GetFrom(m); err != nil {
-				r.err = fmt.Errorf("response from %v has no mapped address", from)
-			} else {
-				r.a.mapped = addrPortFromIP(ma.IP, ma.Port)
-			}
-		}
-		var oa stun.OtherAddress
-		if err := oa.GetFrom(m); err == nil {
-			r.a.other = addrPortFromIP(oa.IP, oa.Port)
-		}
-		var ro stun.ResponseOrigin
-		if err := ro.GetFrom(m); err == nil {
-			r.a.origin = addrPortFromIP(ro.IP, ro.Port)
-		}
-	default:
-		return
+	r := answerOrErr{a: answer{mapped: resp.Mapped, other: resp.Other, origin: from}}
+	if resp.Origin.IsValid() {
+		r.a.origin = resp.Origin
+	}
+	switch {
+	case re != nil:
+		r.a.code = re.Code
+	case !resp.Mapped.IsValid():
+		r.err = fmt.Errorf("response from %v has no mapped address", from)
 	}
 	select {
 	case ch <- r:
@@ -148,20 +130,7 @@ func (p *prober) handle(b []byte, from netip.AddrPort) {
 	}
 }
 
-// changeRequest is the RFC 5780 CHANGE-REQUEST attribute.
-type changeRequest struct{ ip, port bool }
-
-func (c changeRequest) AddTo(m *stun.Message) error {
-	var v [4]byte
-	if c.ip {
-		v[3] |= 0x04
-	}
-	if c.port {
-		v[3] |= 0x02
-	}
-	m.Add(stun.AttrChangeRequest, v[:])
-	return nil
-}
+const bindingRequest = 0x0001
 
 // errNoAnswer means every retransmission went unanswered before the deadline.
 var errNoAnswer = errors.New("no answer")
@@ -169,34 +138,27 @@ var errNoAnswer = errors.New("no answer")
 // roundTrip sends a Binding request to dst and retransmits it every rto until an
 // answer arrives or ctx ends. Filtering tests rely on "no answer" being a result, so the
 // caller bounds how long that takes through ctx.
-func (p *prober) roundTrip(ctx context.Context, dst netip.AddrPort, change changeRequest, rto time.Duration) (answer, error) {
+func (p *prober) roundTrip(ctx context.Context, dst netip.AddrPort, change stun.ChangeRequest, rto time.Duration) (answer, error) {
 	return p.roundTripNotify(ctx, dst, change, rto, nil)
 }
 
 // roundTripNotify is roundTrip that closes sent (if not nil) after the first transmission.
-func (p *prober) roundTripNotify(ctx context.Context, dst netip.AddrPort, change changeRequest, rto time.Duration, sent chan struct{}) (answer, error) {
-	setters := []stun.Setter{stun.TransactionID, stun.BindingRequest}
-	if change.ip || change.port {
-		setters = append(setters, change)
-	}
-	setters = append(setters, stun.Fingerprint)
-	m, err := stun.Build(setters...)
-	if err != nil {
-		return answer{}, err
-	}
+func (p *prober) roundTripNotify(ctx context.Context, dst netip.AddrPort, change stun.ChangeRequest, rto time.Duration, sent chan struct{}) (answer, error) {
+	id := stun.NewTransactionID()
+	raw := stun.AppendBindingRequest(nil, id, stun.RequestOptions{Change: change})
 	ch := make(chan answerOrErr, 1)
 	p.mu.Lock()
-	p.pending[m.TransactionID] = ch
+	p.pending[id] = ch
 	p.mu.Unlock()
 	defer func() {
 		p.mu.Lock()
-		delete(p.pending, m.TransactionID)
+		delete(p.pending, id)
 		p.mu.Unlock()
 	}()
 	to := net.UDPAddrFromAddrPort(dst)
 	start := p.clock.Now()
 	for {
-		_, err := p.conn.WriteTo(m.Raw, to)
+		_, err := p.conn.WriteTo(raw, to)
 		if sent != nil {
 			close(sent)
 			sent = nil
@@ -225,14 +187,11 @@ func (p *prober) roundTripNotify(ctx context.Context, dst netip.AddrPort, change
 // sendHairpin sends a Binding request to this socket's own public address. If the NAT
 // hairpins, the request arrives back here and hairpinned closes.
 func (p *prober) sendHairpin(public netip.AddrPort) error {
-	m, err := stun.Build(stun.TransactionID, stun.BindingRequest, stun.Fingerprint)
-	if err != nil {
-		return err
-	}
+	id := stun.NewTransactionID()
 	p.mu.Lock()
-	p.hairpin = m.TransactionID
+	p.hairpin = id
 	p.mu.Unlock()
-	_, err = p.conn.WriteTo(m.Raw, net.UDPAddrFromAddrPort(public))
+	_, err := p.conn.WriteTo(stun.AppendBindingRequest(nil, id, stun.RequestOptions{}), net.UDPAddrFromAddrPort(public))
 	return err
 }
 

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"peerlink/nat"
+	"peerlink/stun"
 )
 
 // allocSockets is how many fresh sockets measure port allocation: three deltas, enough
@@ -101,7 +102,7 @@ func (r *run) detect(ctx context.Context, budget time.Duration) (Report, error) 
 		}
 		sent := make(chan struct{})
 		wg.Go(func() {
-			a, err := p.roundTripNotify(ctx, primary, changeRequest{}, rto, sent)
+			a, err := p.roundTripNotify(ctx, primary, 0, rto, sent)
 			if err == nil && a.code == 0 {
 				allocPorts[i].local, allocPorts[i].mapped = p.local.Port(), a.mapped.Port()
 				allocOK[i] = true
@@ -122,9 +123,9 @@ func (r *run) detect(ctx context.Context, budget time.Duration) (Report, error) 
 	}
 	filterIPPort, filterPort := make(chan filterResult, 1), make(chan filterResult, 1)
 	for _, f := range []struct {
-		change changeRequest
+		change stun.ChangeRequest
 		out    chan filterResult
-	}{{changeRequest{ip: true, port: true}, filterIPPort}, {changeRequest{port: true}, filterPort}} {
+	}{{stun.ChangeIP | stun.ChangePort, filterIPPort}, {stun.ChangePort, filterPort}} {
 		p, err := newSock()
 		if err != nil {
 			return Report{}, err
@@ -137,7 +138,7 @@ func (r *run) detect(ctx context.Context, budget time.Duration) (Report, error) 
 			case a.code != 0:
 				f.out <- filterResult{answered: true, err: fmt.Errorf("server answered CHANGE-REQUEST with error %d", a.code)}
 			default:
-				valid := a.origin.Port() != primary.Port() && (!f.change.ip || a.origin.Addr() != primary.Addr())
+				valid := a.origin.Port() != primary.Port() && (f.change&stun.ChangeIP == 0 || a.origin.Addr() != primary.Addr())
 				f.out <- filterResult{answered: true, valid: valid}
 			}
 		})
@@ -155,7 +156,7 @@ func (r *run) detect(ctx context.Context, budget time.Duration) (Report, error) 
 	for i, o := range r.observers {
 		results[i].Addr = o
 		obsWG.Go(func() {
-			a, err := main.roundTrip(ctx, o, changeRequest{}, rto)
+			a, err := main.roundTrip(ctx, o, 0, rto)
 			if err == nil && a.code != 0 {
 				err = fmt.Errorf("error response %d", a.code)
 			}
@@ -211,23 +212,37 @@ func (r *run) detect(ctx context.Context, budget time.Duration) (Report, error) 
 		<-obsDone
 	}
 
-	readFilter := func(ch chan filterResult) filterResult {
-		select {
-		case f := <-ch:
-			return f
-		case <-verdictCtx.Done():
-			return filterResult{}
-		}
-	}
-	fIPPort, fPort := readFilter(filterIPPort), readFilter(filterPort)
+	// Wait until every verdict is in or the window closes, then read what arrived: a
+	// result that is ready always wins over the deadline.
+	var fIPPort, fPort filterResult
+	gotIPPort, gotPort := false, false
 	hairpin := false
-	select {
-	case <-main.hairpinned:
-		hairpin = true
-	case <-verdictCtx.Done():
+wait:
+	for !(gotIPPort && gotPort && hairpin) {
+		select {
+		case fIPPort = <-filterIPPort:
+			gotIPPort = true
+		case fPort = <-filterPort:
+			gotPort = true
+		case <-hairpinned(main, hairpin):
+			hairpin = true
+		case <-verdictCtx.Done():
+			break wait
+		}
 	}
 	cancel()
 	wg.Wait()
+	if !gotIPPort {
+		fIPPort = <-filterIPPort
+	}
+	if !gotPort {
+		fPort = <-filterPort
+	}
+	select {
+	case <-main.hairpinned:
+		hairpin = true
+	default:
+	}
 
 	p := nat.Profile{PublicIP: public.Addr(), PublicPort: public.Port(), Hairpinning: hairpin, DetectedAt: c.Now()}
 	conf := nat.ConfidenceHigh
@@ -241,13 +256,18 @@ func (r *run) detect(ctx context.Context, budget time.Duration) (Report, error) 
 	// Mapping: RFC 5780 tests II and III when the primary supports them, cross-checked
 	// with what independent observers saw.
 	mapping := r.report.Profile.Mapping // set by mappingTests
-	obsMapping, obsN := mappingFromObservers(results)
+	obsMapping, obsExact, obsN := mappingFromObservers(results)
 	switch {
-	case mapping != nat.MappingUnknown && obsMapping != nat.MappingUnknown && stricter(obsMapping, mapping):
-		lower(nat.ConfidenceLow, "observers disagree with RFC 5780 tests (%s vs %s): keeping the stricter", obsMapping, mapping)
+	case mapping != nat.MappingUnknown && obsMapping != nat.MappingUnknown && obsMapping > mapping:
+		// The observers prove at least obsMapping: the RFC 5780 verdict is too lenient.
+		lower(nat.ConfidenceLow, "observers contradict the RFC 5780 tests (at least %s, not %s): keeping the stricter", obsMapping, mapping)
 		mapping = obsMapping
 	case mapping == nat.MappingUnknown && obsMapping != nat.MappingUnknown:
 		mapping = obsMapping
+		if !obsExact {
+			// Host- and port-dependent look alike without two ports on one IP.
+			mapping = nat.MappingPD
+		}
 		lower(nat.ConfidenceMedium, "mapping from %d independent observers only (no RFC 5780 server)", obsN)
 	case mapping == nat.MappingUnknown:
 		lower(nat.ConfidenceLow, "mapping unknown: needs an RFC 5780 server or two observers")
@@ -309,9 +329,9 @@ func (r *run) mappingTests(ctx context.Context, main *prober, test1 answer, res 
 	var e2, e3 error
 	var wg sync.WaitGroup
 	wg.Go(func() {
-		a2, e2 = main.roundTrip(ctx, netip.AddrPortFrom(alt.Addr(), primaryPort), changeRequest{}, r.d.rto)
+		a2, e2 = main.roundTrip(ctx, netip.AddrPortFrom(alt.Addr(), primaryPort), 0, r.d.rto)
 	})
-	wg.Go(func() { a3, e3 = main.roundTrip(ctx, alt, changeRequest{}, r.d.rto) })
+	wg.Go(func() { a3, e3 = main.roundTrip(ctx, alt, 0, r.d.rto) })
 	wg.Wait()
 	var m nat.Mapping
 	switch {
@@ -334,8 +354,10 @@ func (r *run) mappingTests(ctx context.Context, main *prober, test1 answer, res 
 }
 
 // mappingFromObservers compares the reflexive addresses that observers at different
-// addresses saw for one socket. It returns the mapping and how many observers answered.
-func mappingFromObservers(results []ServerResult) (nat.Mapping, int) {
+// addresses saw for one socket. It returns the mapping the evidence proves at least,
+// whether it is exact (HD is only a lower bound unless two ports of one IP agreed), and
+// how many observers answered.
+func mappingFromObservers(results []ServerResult) (m nat.Mapping, exact bool, n int) {
 	var seen []ServerResult
 	for _, s := range results {
 		if s.Mapped.IsValid() {
@@ -343,7 +365,7 @@ func mappingFromObservers(results []ServerResult) (nat.Mapping, int) {
 		}
 	}
 	if len(seen) < 2 {
-		return nat.MappingUnknown, len(seen)
+		return nat.MappingUnknown, false, len(seen)
 	}
 	diffIP, sameIPPairs, sameIPEqual := false, 0, 0
 	allSame := true
@@ -364,21 +386,16 @@ func mappingFromObservers(results []ServerResult) (nat.Mapping, int) {
 	}
 	switch {
 	case allSame && diffIP:
-		return nat.MappingEI, len(seen)
+		return nat.MappingEI, true, len(seen)
 	case allSame:
 		// One destination IP only: a host-dependent NAT would look the same.
-		return nat.MappingUnknown, len(seen)
-	case sameIPPairs > 0 && sameIPEqual == sameIPPairs:
-		return nat.MappingHD, len(seen)
+		return nat.MappingUnknown, false, len(seen)
+	case sameIPEqual < sameIPPairs:
+		return nat.MappingPD, true, len(seen)
 	default:
-		// Without two ports on one IP, host- and port-dependent look alike: assume the
-		// stricter.
-		return nat.MappingPD, len(seen)
+		return nat.MappingHD, sameIPPairs > 0, len(seen)
 	}
 }
-
-// stricter reports whether mapping a is stricter than b.
-func stricter(a, b nat.Mapping) bool { return a > b }
 
 // allocationOf classifies port allocation from (local, mapped) port pairs of fresh
 // sockets, in the order their mappings were made. sure is false when the evidence is
@@ -425,4 +442,13 @@ func abs(x int) int {
 		return -x
 	}
 	return x
+}
+
+// hairpinned returns the channel that closes when the hairpin probe comes back, or nil
+// (never ready) once that has been seen.
+func hairpinned(p *prober, seen bool) <-chan struct{} {
+	if seen {
+		return nil
+	}
+	return p.hairpinned
 }
