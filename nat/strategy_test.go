@@ -5,7 +5,9 @@ import (
 	"testing"
 )
 
-func profileOf(t Type) Profile { return Profile{Mapping: t.Mapping, Filtering: t.Filtering, Allocation: t.Allocation} }
+func profileOf(t Type) Profile {
+	return Profile{Mapping: t.Mapping, Filtering: t.Filtering, Allocation: t.Allocation}
+}
 
 // TestStrategyMatrix checks the plan for all 27×27 ordered pairs against the NATCracker
 // feasibility counts (reference.md): 378 unordered pairs, 291 traversable by the paper's
