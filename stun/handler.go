@@ -52,10 +52,10 @@ func (h *handler) init(addrs [4]netip.AddrPort, rfc5780 bool, software string, r
 	h.ownPorts = [2]uint16{addrs[0].Port(), addrs[0].Port()}
 	if rfc5780 {
 		h.ownPorts[1] = addrs[1].Port()
-		h.ownIPs[1] = addrs[2].Addr()
+		h.ownIPs[1] = addrs[2].Addr().WithZone("")
 	}
 	if ip := addrs[0].Addr(); !ip.IsUnspecified() {
-		h.ownIPs[0] = ip
+		h.ownIPs[0] = ip.WithZone("")
 	} else {
 		h.anyIP = true
 		h.localIPs = make(map[netip.Addr]bool)
@@ -274,7 +274,7 @@ func (w *worker) handle(msg []byte, src netip.AddrPort, on int, tcp bool, now in
 		if classic {
 			errUnknownAttrClassic.AddTo(resp)
 			if nUnknown%2 == 1 {
-				// RFC 3489 section 11.2.9: repeat one to fill the last word.
+				// RFC 3489 section 11.2.10: repeat one to fill the last word.
 				list = append(list, list[nUnknown-1])
 			}
 		} else {

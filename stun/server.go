@@ -68,6 +68,8 @@ const (
 	maxSoftware        = 128
 	// batchSize is the number of datagrams one recvmmsg or sendmmsg moves.
 	batchSize = 64
+	// socketBuffer is the receive buffer asked for each UDP socket.
+	socketBuffer = 4 << 20
 )
 
 // streamListener is what Config.Net needs for TCP.
@@ -75,8 +77,10 @@ type streamListener interface {
 	Listen(ctx context.Context, network, address string) (net.Listener, error)
 }
 
-// Server is a STUN server. Listen opens its sockets, Serve answers on them, Close stops
-// it.
+// Server is a STUN server. It answers RFC 8489 Binding requests over UDP and TCP, does
+// RFC 5780 NAT behaviour discovery when it has a second IP, and gives RFC 3489 clients
+// (no magic cookie) the MAPPED-ADDRESS, SOURCE-ADDRESS and CHANGED-ADDRESS they expect.
+// Listen opens its sockets, Serve answers on them, Close stops it.
 type Server struct {
 	cfg   Config
 	log   *slog.Logger
@@ -264,6 +268,11 @@ func (s *Server) tryBind(ctx context.Context, ip netip.Addr, port uint16) error 
 			var bc batchConn
 			if fast {
 				bc = newBatchConn(pc, network)
+				// Room for bursts while a reader waits for a CPU; the kernel caps it
+				// at net.core.rmem_max.
+				if u, ok := pc.(*net.UDPConn); ok {
+					u.SetReadBuffer(socketBuffer)
+				}
 			}
 			s.batch[i] = append(s.batch[i], bc)
 			if j == 0 {
@@ -378,9 +387,11 @@ func (s *Server) Serve(ctx context.Context) error {
 		return errors.New("stun: Serve called twice")
 	}
 	s.serving = true
-	ctx, s.cancel = context.WithCancel(ctx)
+	ctx, cancel := context.WithCancel(ctx)
+	s.cancel = cancel
 	s.mu.Unlock()
 	defer close(s.served)
+	defer cancel()
 
 	for i := range s.conns {
 		for j := range s.conns[i] {

@@ -1,6 +1,4 @@
-// Package stun is peerlink's STUN server (RFC 8489 Binding over UDP and TCP, RFC 5780 NAT
-// behaviour discovery, answers for RFC 3489 clients) and the client-side helpers to build
-// Binding requests and read their responses.
+// Package stun is peerlink's STUN server and the client helpers for Binding requests.
 package stun
 
 import (

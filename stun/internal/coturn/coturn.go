@@ -1,5 +1,4 @@
-// Package coturn runs Debian's coturn STUN server (turnserver) as a child process, the
-// reference peerlink's STUN server is compared with in interop tests and benchmarks.
+// Package coturn runs Debian's coturn STUN server as a child process for comparisons.
 package coturn
 
 import (

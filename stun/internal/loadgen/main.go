@@ -1,9 +1,4 @@
-// Command loadgen measures peerlink's STUN server against coturn in the same run: it
-// starts both as child processes on loopback, drives each in turn with the same sockets
-// and window of Binding requests, and prints requests per second and requests per second
-// of server CPU (read from /proc/<pid>/stat, so the server process's own threads only).
-//
-//	go run ./stun/internal/loadgen -duration 5s -rounds 3
+// Command loadgen measures peerlink's STUN server against coturn in the same run.
 package main
 
 import (
@@ -52,6 +47,12 @@ type result struct {
 	rps, rpc float64 // requests per second, per CPU-second
 }
 
+// run starts peerlink's server and coturn as child processes on loopback, drives each in
+// turn with the same sockets and window of Binding requests, and prints requests per
+// second and requests per second of server CPU, read from /proc/<pid>/stat so that only
+// the server process's own threads count:
+//
+//	go run ./stun/internal/loadgen -duration 5s -rounds 3
 func run() error {
 	var (
 		peerlinkBin = flag.String("peerlink", "", "peerlink binary (default: build ./cmd/peerlink)")
