@@ -7,6 +7,8 @@ import (
 	"testing"
 	"time"
 
+	"peerlink/internal/coturn"
+	"peerlink/nat"
 	"peerlink/netlab"
 	"peerlink/netlab/netlabtest"
 	"peerlink/stun"
@@ -89,4 +91,44 @@ func BenchmarkDetectKernelLab50ms(b *testing.B) {
 		total += rep.Duration
 	}
 	b.ReportMetric(float64(total.Milliseconds())/float64(b.N), "ms/detection")
+}
+
+// TestDetectAgainstCoturn: in the kernel lab, the detector draws the same profile from
+// coturn's RFC 5780 server as from peerlink's, for every NAT kind.
+func TestDetectAgainstCoturn(t *testing.T) {
+	l := netlabtest.Start(t, netlab.Config{})
+	ours := labObservers(t, l)
+	ip1, ip2 := l.Server.IPs[0], l.Server.IPs[1]
+	srv, err := coturn.Start(context.Background(), coturn.Options{
+		IPs: []netip.Addr{ip1, ip2}, Port: 3500, AltPort: 3501, Dir: t.TempDir(),
+		Command: l.Server.Command, Net: l.Server,
+	})
+	if err != nil { // as root, make test has installed coturn: missing is a broken setup
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { srv.Close() })
+	theirs := []string{netip.AddrPortFrom(ip1, 3500).String()}
+	for _, site := range l.Sites {
+		if site.Kind == netlab.KindUDPBlocked {
+			continue
+		}
+		t.Run(site.Name, func(t *testing.T) {
+			profile := func(observers []string) nat.Profile {
+				d := labDetector(site.Host(), observers)
+				defer d.Close()
+				p, err := d.Detect(context.Background(), Options{})
+				if err != nil {
+					t.Fatalf("against %v: %v", observers, err)
+				}
+				return p
+			}
+			a, b := profile(ours[:1]), profile(theirs)
+			if a.Type() != b.Type() || a.Open != b.Open || a.PortDelta != b.PortDelta || a.PublicIP != b.PublicIP {
+				t.Errorf("peerlink's server: %s at %v; coturn: %s at %v", netlab.ClaimString(a), a.PublicIP, netlab.ClaimString(b), b.PublicIP)
+			}
+			if a.Type() != site.Claim().Type() {
+				t.Errorf("detected %s, lab claims %s", netlab.ClaimString(a), netlab.ClaimString(site.Claim()))
+			}
+		})
+	}
 }

@@ -14,7 +14,7 @@ import (
 	"time"
 
 	"peerlink/stun"
-	"peerlink/stun/internal/coturn"
+	"peerlink/internal/coturn"
 	"peerlink/stun/stuntest"
 )
 

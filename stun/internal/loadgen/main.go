@@ -23,7 +23,7 @@ import (
 	"golang.org/x/net/ipv4"
 
 	"peerlink/stun"
-	"peerlink/stun/internal/coturn"
+	"peerlink/internal/coturn"
 )
 
 func main() {

@@ -15,6 +15,7 @@ import (
 	"syscall"
 	"time"
 
+	"peerlink/nettype"
 	"peerlink/stun"
 )
 
@@ -31,6 +32,12 @@ type Options struct {
 	Dir string
 	// Extra are more configuration lines.
 	Extra []string
+	// Command builds the turnserver command; nil means exec.Command. A kernel-lab host's
+	// Command runs it inside the host's network namespace.
+	Command func(ctx context.Context, name string, arg ...string) *exec.Cmd
+	// Net opens the socket that checks the server answers; nil means the host's
+	// network. It must reach the server: in a lab, the lab host's own ListenPacket.
+	Net nettype.PacketListener
 }
 
 // Server is a running turnserver.
@@ -65,12 +72,17 @@ func Start(ctx context.Context, o Options) (*Server, error) {
 	if err := os.WriteFile(path, []byte(strings.Join(conf, "\n")+"\n"), 0o644); err != nil {
 		return nil, err
 	}
-	s := &Server{cmd: exec.Command(bin, "-c", path), done: make(chan struct{}), Log: filepath.Join(o.Dir, "turnserver.log")}
+	command := o.Command
+	if command == nil {
+		// Not CommandContext: the server outlives Start's ctx; Close stops it.
+		command = func(_ context.Context, name string, arg ...string) *exec.Cmd { return exec.Command(name, arg...) }
+	}
+	s := &Server{cmd: command(context.Background(), bin, "-c", path), done: make(chan struct{}), Log: filepath.Join(o.Dir, "turnserver.log")}
 	if err := s.cmd.Start(); err != nil {
 		return nil, err
 	}
 	go func() { s.err = s.cmd.Wait(); close(s.done) }()
-	if err := s.waitReady(ctx, netip.AddrPortFrom(o.IPs[0], o.Port)); err != nil {
+	if err := s.waitReady(ctx, nettype.Or(o.Net), netip.AddrPortFrom(o.IPs[0], o.Port)); err != nil {
 		s.Close()
 		return nil, err
 	}
@@ -80,12 +92,13 @@ func Start(ctx context.Context, o Options) (*Server, error) {
 // Pid is the server's process ID.
 func (s *Server) Pid() int { return s.cmd.Process.Pid }
 
-func (s *Server) waitReady(ctx context.Context, addr netip.AddrPort) error {
-	c, err := net.ListenUDP("udp", nil)
+func (s *Server) waitReady(ctx context.Context, nw nettype.PacketListener, addr netip.AddrPort) error {
+	c, err := nw.ListenPacket(ctx, "udp", ":0")
 	if err != nil {
 		return err
 	}
 	defer c.Close()
+	to := net.UDPAddrFromAddrPort(addr)
 	buf := make([]byte, 1500)
 	deadline := time.Now().Add(10 * time.Second)
 	for time.Now().Before(deadline) && ctx.Err() == nil {
@@ -94,9 +107,9 @@ func (s *Server) waitReady(ctx context.Context, addr netip.AddrPort) error {
 			return fmt.Errorf("coturn: turnserver exited: %v (log %s)", s.err, s.Log)
 		default:
 		}
-		c.WriteToUDPAddrPort(stun.AppendBindingRequest(nil, stun.NewTransactionID(), stun.RequestOptions{}), addr)
+		c.WriteTo(stun.AppendBindingRequest(nil, stun.NewTransactionID(), stun.RequestOptions{}), to)
 		c.SetReadDeadline(time.Now().Add(100 * time.Millisecond))
-		if n, _, err := c.ReadFromUDPAddrPort(buf); err == nil {
+		if n, _, err := c.ReadFrom(buf); err == nil {
 			if _, err := stun.ParseBindingResponse(buf[:n]); err == nil {
 				return nil
 			}
