@@ -26,6 +26,9 @@ type RequestOptions struct {
 	Change ChangeRequest
 	// Software is sent as the SOFTWARE attribute; empty sends none.
 	Software string
+	// ResponsePort adds a RESPONSE-PORT attribute (RFC 5780): the server answers to the
+	// request's source IP at this port. Zero adds none.
+	ResponsePort uint16
 	// NoFingerprint leaves out the FINGERPRINT attribute, which is otherwise the last
 	// attribute of the request.
 	NoFingerprint bool
@@ -40,6 +43,9 @@ func AppendBindingRequest(b []byte, id TransactionID, opts RequestOptions) []byt
 	m.WriteHeader()
 	if c := opts.Change & (ChangeIP | ChangePort); c != 0 {
 		m.Add(pion.AttrChangeRequest, []byte{0, 0, 0, byte(c)})
+	}
+	if opts.ResponsePort != 0 {
+		m.Add(pion.AttrType(attrResponsePort), []byte{byte(opts.ResponsePort >> 8), byte(opts.ResponsePort), 0, 0})
 	}
 	if opts.Software != "" {
 		pion.NewSoftware(opts.Software).AddTo(m)

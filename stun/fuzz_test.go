@@ -27,7 +27,7 @@ func FuzzServerHandle(f *testing.F) {
 			from int
 			ok   bool
 		)
-		if allocs := testing.AllocsPerRun(1, func() { from, ok = w.handle(msg, src, sock, tcp, 0, resp) }); allocs != 0 {
+		if allocs := testing.AllocsPerRun(1, func() { from, _, ok = w.handle(msg, src, sock, tcp, 0, resp) }); allocs != 0 {
 			t.Fatalf("%v allocations", allocs)
 		}
 		hdr, framed := parseHeader(msg)

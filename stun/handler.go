@@ -1,6 +1,7 @@
 package stun
 
 import (
+	"encoding/binary"
 	"net"
 	"net/netip"
 	"strings"
@@ -147,24 +148,26 @@ const (
 	answerSuccess answer = iota
 	answerBadRequest
 	answerUnknown
-	answerNoChange // CHANGE-REQUEST that this server or transport cannot honour
+	answerNoChange       // CHANGE-REQUEST that this server or transport cannot honour
+	answerNoResponsePort // RESPONSE-PORT over TCP or from an RFC 3489 client
 )
 
 // handle answers msg, received from src on UDP socket on (or over TCP, where on is 0)
 // at now nanoseconds. It writes the answer into resp and returns the socket to send it
-// from; ok is false when the RFC's answer, or the abuse limits', is silence. src must be
+// from and where to send it: src, or src's IP at the port a RESPONSE-PORT asked for; ok
+// is false when the RFC's answer, or the abuse limits', is silence. src must be
 // unmapped (IPv4 as IPv4). It never allocates.
-func (w *worker) handle(msg []byte, src netip.AddrPort, on int, tcp bool, now int64, resp *pion.Message) (from int, ok bool) {
+func (w *worker) handle(msg []byte, src netip.AddrPort, on int, tcp bool, now int64, resp *pion.Message) (from int, to netip.AddrPort, ok bool) {
 	h, c := w.h, w.c
 	c.add(cReceived)
 	hdr, ok := parseHeader(msg)
 	if !ok {
 		c.add(cNotSTUN)
-		return 0, false
+		return 0, netip.AddrPort{}, false
 	}
 	if hdr.typ != typeBindingRequest {
 		c.add(cIgnored)
-		return 0, false
+		return 0, netip.AddrPort{}, false
 	}
 	// Messages without the magic cookie are RFC 3489's: their cookie field is part of
 	// the transaction ID and their answers carry the RFC 3489 attributes.
@@ -173,6 +176,8 @@ func (w *worker) handle(msg []byte, src netip.AddrPort, on int, tcp bool, now in
 	var (
 		change             ChangeRequest
 		hasChange, badAttr bool
+		responsePort       uint16
+		hasResponsePort    bool
 		afterMI            bool
 		nUnknown           int
 	)
@@ -185,7 +190,7 @@ func (w *worker) handle(msg []byte, src netip.AddrPort, on int, tcp bool, now in
 		if typ == attrFingerprint && !classic {
 			if !fingerprintOK(msg, off, val) {
 				c.add(cNotSTUN) // RFC 8489 section 6.3: not STUN after all
-				return 0, false
+				return 0, netip.AddrPort{}, false
 			}
 			continue
 		}
@@ -203,6 +208,19 @@ func (w *worker) handle(msg []byte, src netip.AddrPort, on int, tcp bool, now in
 			} else {
 				change = ChangeRequest(val[3]) & (ChangeIP | ChangePort)
 			}
+		case typ == attrResponsePort:
+			// RFC 5780 section 7.5: answer to the source's IP at this port. It lets a
+			// client learn how long an idle mapping lives; it cannot aim answers at
+			// another host.
+			if hasResponsePort {
+				continue
+			}
+			hasResponsePort = true
+			if len(val) != 4 || binary.BigEndian.Uint16(val) == 0 {
+				badAttr = true
+			} else {
+				responsePort = binary.BigEndian.Uint16(val)
+			}
 		case typ == attrMessageIntegrity:
 			afterMI = true
 		case typ < 0x8000 && !knownRequired(typ):
@@ -217,6 +235,9 @@ func (w *worker) handle(msg []byte, src netip.AddrPort, on int, tcp bool, now in
 		kind = answerBadRequest
 	case nUnknown > 0:
 		kind = answerUnknown
+	case hasResponsePort && (tcp || classic):
+		// Over TCP the answer can only come back on the connection.
+		kind = answerNoResponsePort
 	case hasChange && (!h.rfc5780 || tcp) && (change != 0 || !classic):
 		// RFC 5780 section 6.1: a server without an alternate address answers any
 		// CHANGE-REQUEST with 420. RFC 3489 clients send CHANGE-REQUEST with no flags
@@ -228,18 +249,22 @@ func (w *worker) handle(msg []byte, src netip.AddrPort, on int, tcp bool, now in
 		from = on ^ change.socket()
 	}
 
-	if h.forbidden(src) {
+	to = src
+	if kind == answerSuccess && hasResponsePort {
+		to = netip.AddrPortFrom(src.Addr(), responsePort)
+	}
+	if h.forbidden(src) || h.forbidden(to) {
 		c.add(cForbidden)
-		return 0, false
+		return 0, netip.AddrPort{}, false
 	}
 	if h.limiter != nil {
 		cost := 1.0
-		if from != on {
+		if from != on || to != src {
 			cost = h.changeCost
 		}
 		if !h.limiter.allow(src.Addr(), cost, now) {
 			c.add(cRateLimited)
-			return 0, false
+			return 0, netip.AddrPort{}, false
 		}
 	}
 
@@ -263,10 +288,14 @@ func (w *worker) handle(msg []byte, src netip.AddrPort, on int, tcp bool, now in
 			errBadRequest.AddTo(resp)
 		}
 		c.add(cBadRequest)
-	case answerUnknown, answerNoChange:
-		if kind == answerNoChange {
+	case answerUnknown, answerNoChange, answerNoResponsePort:
+		switch kind {
+		case answerNoChange:
 			nUnknown = 0
 			w.addUnknown(&nUnknown, attrChangeRequest)
+		case answerNoResponsePort:
+			nUnknown = 0
+			w.addUnknown(&nUnknown, attrResponsePort)
 		}
 		resp.Type = pion.BindingError
 		resp.WriteHeader()
@@ -294,7 +323,7 @@ func (w *worker) handle(msg []byte, src netip.AddrPort, on int, tcp bool, now in
 		}
 		pion.Fingerprint.AddTo(resp)
 	}
-	return from, true
+	return from, to, true
 }
 
 func (w *worker) addUnknown(n *int, typ uint16) {

@@ -15,14 +15,15 @@ import (
 type handled struct {
 	resp []byte
 	from int
+	to   netip.AddrPort
 	ok   bool
 	c    *counters
 }
 
 func handleOnce(w *worker, msg []byte, src netip.AddrPort, on int, tcp bool) handled {
 	resp := newResponse()
-	from, ok := w.handle(msg, src, on, tcp, 0, resp)
-	return handled{resp: slices.Clone(resp.Raw), from: from, ok: ok, c: w.c}
+	from, to, ok := w.handle(msg, src, on, tcp, 0, resp)
+	return handled{resp: slices.Clone(resp.Raw), from: from, to: to, ok: ok, c: w.c}
 }
 
 func TestHandleAnswers(t *testing.T) {
@@ -159,10 +160,10 @@ func TestHandleAnswers(t *testing.T) {
 		{
 			name: "420 unknown comprehension-required attributes, deduplicated",
 			msg: request().attr(0x7777, nil).attr(attrResponseAddress, make([]byte, 8)).
-				attr(attrResponsePort, []byte{0, 1, 0, 0}).attr(0x7777, []byte("again")).fpOn(),
+				attr(0x7777, []byte("again")).fpOn(),
 			want: want{
 				code: 420, attrs: []uint16{attrErrorCode, attrUnknownAttributes, attrFingerprint},
-				unknown: []uint16{0x7777, attrResponseAddress, attrResponsePort}, counter: cUnknownAttr,
+				unknown: []uint16{0x7777, attrResponseAddress}, counter: cUnknownAttr,
 			},
 		},
 		{
@@ -396,7 +397,7 @@ func TestHandleRateLimit(t *testing.T) {
 	resp := newResponse()
 	var now int64
 	answered := func(msg []byte, src netip.AddrPort) bool {
-		_, ok := w.handle(msg, src, 0, false, now, resp)
+		_, _, ok := w.handle(msg, src, 0, false, now, resp)
 		return ok
 	}
 	// Burst 10: two changes (8 tokens) and two plain requests, then nothing.
@@ -502,5 +503,45 @@ func TestAppendBindingRequestRoundTrip(t *testing.T) {
 		if r.TransactionID != id || r.Mapped != testClient || r.Origin != testAddrs[opts.Change.socket()] {
 			t.Errorf("%+v: answer %+v", opts, r)
 		}
+	}
+}
+
+func TestResponsePort(t *testing.T) {
+	port := func(p uint16) []byte { return []byte{byte(p >> 8), byte(p), 0, 0} }
+	tests := []struct {
+		name    string
+		msg     *msgBuilder
+		tcp     bool
+		wantTo  netip.AddrPort
+		code    int
+		silence bool
+	}{
+		{"answer goes to the source IP at the asked port", request().attr(attrResponsePort, port(4242)).fpOn(), false,
+			netip.AddrPortFrom(testClient.Addr(), 4242), 0, false},
+		{"port zero is a bad request", request().attr(attrResponsePort, port(0)).fpOn(), false, testClient, 400, false},
+		{"short value is a bad request", request().attr(attrResponsePort, []byte{1}).fpOn(), false, testClient, 400, false},
+		{"over TCP it is refused with 420", request().attr(attrResponsePort, port(4242)).fpOn(), true, testClient, 420, false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			w := newTestWorker(handlerOpts{single: true})
+			got := handleOnce(w, tt.msg.bytes(), testClient, 0, tt.tcp)
+			if !got.ok {
+				t.Fatal("no answer")
+			}
+			if got.to != tt.wantTo {
+				t.Errorf("answer to %v, want %v", got.to, tt.wantTo)
+			}
+			r, err := ParseBindingResponse(got.resp)
+			var re *ResponseError
+			switch {
+			case tt.code == 0 && err != nil:
+				t.Fatalf("parse: %v", err)
+			case tt.code == 0 && r.Mapped != testClient:
+				t.Errorf("mapped %v, want the request's source %v", r.Mapped, testClient)
+			case tt.code != 0 && (!errors.As(err, &re) || re.Code != tt.code):
+				t.Errorf("answer %v, want error %d", err, tt.code)
+			}
+		})
 	}
 }

@@ -13,8 +13,8 @@ import (
 	"testing"
 	"time"
 
-	"peerlink/stun"
 	"peerlink/internal/coturn"
+	"peerlink/stun"
 	"peerlink/stun/stuntest"
 )
 

@@ -498,16 +498,16 @@ func (s *Server) readLoop(ctx context.Context, i, j int) {
 			continue
 		}
 		src = netip.AddrPortFrom(src.Addr().Unmap(), src.Port())
-		from, ok := w.handle(buf[:n], src, i, false, s.now(), resp)
+		from, to, ok := w.handle(buf[:n], src, i, false, s.now(), resp)
 		if !ok {
 			continue
 		}
 		out := s.conns[from][j]
 		if u, ok := out.(*net.UDPConn); ok {
-			_, err = u.WriteToUDPAddrPort(resp.Raw, src)
+			_, err = u.WriteToUDPAddrPort(resp.Raw, to)
 		} else {
-			if addr == nil {
-				addr = net.UDPAddrFromAddrPort(src)
+			if addr == nil || to != src {
+				addr = net.UDPAddrFromAddrPort(to)
 			}
 			_, err = out.WriteTo(resp.Raw, addr)
 		}

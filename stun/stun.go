@@ -43,7 +43,7 @@ const (
 	attrPriority               = 0x0024 // RFC 8445 ICE
 	attrUseCandidate           = 0x0025 // RFC 8445 ICE
 	attrPadding                = 0x0026
-	attrResponsePort           = 0x0027 // RFC 5780, not supported: answered with 420
+	attrResponsePort           = 0x0027 // RFC 5780: answer to the source IP at this port
 	attrXORMappedAddressOld    = 0x8020 // pre-RFC 5389 drafts
 	attrSoftware               = 0x8022
 	attrFingerprint            = 0x8028

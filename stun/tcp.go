@@ -73,7 +73,7 @@ func (s *Server) serveConn(c net.Conn) {
 			}
 			return
 		}
-		if _, ok := w.handle(msg, src, 0, true, s.now(), resp); !ok {
+		if _, _, ok := w.handle(msg, src, 0, true, s.now(), resp); !ok {
 			continue
 		}
 		c.SetWriteDeadline(time.Now().Add(s.cfg.TCPIdleTimeout))

@@ -95,7 +95,7 @@ func (s *Server) batchLoop(ctx context.Context, i, j int, in batchConn) {
 			}
 			src := ua.AddrPort()
 			src = netip.AddrPortFrom(src.Addr().Unmap(), src.Port())
-			from, ok := w.handle(m.Buffers[0][:m.N], src, i, false, now, resps[k])
+			from, to, ok := w.handle(m.Buffers[0][:m.N], src, i, false, now, resps[k])
 			if !ok {
 				continue
 			}
@@ -103,6 +103,9 @@ func (s *Server) batchLoop(ctx context.Context, i, j int, in batchConn) {
 			nout[from]++
 			o.Buffers[0] = resps[k].Raw
 			o.Addr = m.Addr
+			if to != src {
+				o.Addr = net.UDPAddrFromAddrPort(to) // RESPONSE-PORT: rare, may allocate
+			}
 		}
 		for f := range outs {
 			if nout[f] > 0 {

@@ -22,21 +22,22 @@ func (s *stringList) Set(v string) error { *s = append(*s, v); return nil }
 
 // netcheckJSON is the --json output: the profile's fields flat, plus the observers.
 type netcheckJSON struct {
-	NATType     string               `json:"nat_type"`
-	Mapping     nat.Mapping          `json:"mapping"`
-	Filtering   nat.Filtering        `json:"filtering"`
-	Allocation  nat.Allocation       `json:"allocation"`
-	PublicIP    string               `json:"public_ip"`
-	PublicPort  uint16               `json:"public_port"`
-	PortDelta   int                  `json:"port_delta"`
-	Hairpinning bool                 `json:"hairpinning"`
-	Open        bool                 `json:"open"`
-	UDPBlocked  bool                 `json:"udp_blocked"`
-	Confidence  nat.Confidence       `json:"confidence"`
-	DetectedAt  time.Time            `json:"detected_at"`
-	DurationMS  float64              `json:"duration_ms"`
-	Servers     []netcheckServerJSON `json:"servers"`
-	Notes       []string             `json:"notes,omitempty"`
+	NATType          string               `json:"nat_type"`
+	Mapping          nat.Mapping          `json:"mapping"`
+	Filtering        nat.Filtering        `json:"filtering"`
+	Allocation       nat.Allocation       `json:"allocation"`
+	PublicIP         string               `json:"public_ip"`
+	PublicPort       uint16               `json:"public_port"`
+	PortDelta        int                  `json:"port_delta"`
+	Hairpinning      bool                 `json:"hairpinning"`
+	BindingLifetimeS float64              `json:"binding_lifetime_s,omitempty"`
+	Open             bool                 `json:"open"`
+	UDPBlocked       bool                 `json:"udp_blocked"`
+	Confidence       nat.Confidence       `json:"confidence"`
+	DetectedAt       time.Time            `json:"detected_at"`
+	DurationMS       float64              `json:"duration_ms"`
+	Servers          []netcheckServerJSON `json:"servers"`
+	Notes            []string             `json:"notes,omitempty"`
 }
 
 type netcheckServerJSON struct {
@@ -54,6 +55,7 @@ func runNetcheck(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	fs.Var(&servers, "stun", "STUN observer host:port (repeatable; put an RFC 5780 server first)")
 	jsonOut := fs.Bool("json", false, "print the result as JSON")
 	timeout := fs.Duration("timeout", detect.DefaultTimeout, "give up after this long")
+	lifetime := fs.Bool("binding-lifetime", false, "also measure how long idle mappings last (takes up to about 11 minutes; needs RESPONSE-PORT on the first observer)")
 	local := fs.Bool("local", false, "start a local RFC 5780 STUN server on 127.0.0.1 and 127.0.0.2 and check against it")
 	fs.Usage = func() {
 		fmt.Fprint(stderr, `Usage: peerlink netcheck [--stun HOST:PORT ...] [--json] [--timeout D] [--local]
@@ -92,13 +94,22 @@ Flags:
 	if err != nil && !rep.Profile.UDPBlocked {
 		return err
 	}
+	if *lifetime && err == nil {
+		fmt.Fprintln(stderr, "measuring binding lifetime (idle gaps of 10s to 320s)...")
+		l, lerr := d.MeasureBindingLifetime(ctx, detect.LifetimeOptions{})
+		if lerr != nil {
+			return lerr
+		}
+		rep.Profile.BindingLifetime = nat.Duration(l)
+	}
 	if *jsonOut {
 		p := rep.Profile
 		out := netcheckJSON{
 			NATType: p.Classic().String(), Mapping: p.Mapping, Filtering: p.Filtering, Allocation: p.Allocation,
 			PublicPort: p.PublicPort, PortDelta: p.PortDelta, Hairpinning: p.Hairpinning, Open: p.Open,
 			UDPBlocked: p.UDPBlocked, Confidence: p.Confidence, DetectedAt: p.DetectedAt,
-			DurationMS: float64(rep.Duration.Microseconds()) / 1000, Notes: rep.Notes,
+			BindingLifetimeS: time.Duration(p.BindingLifetime).Seconds(),
+			DurationMS:       float64(rep.Duration.Microseconds()) / 1000, Notes: rep.Notes,
 		}
 		if p.PublicIP.IsValid() {
 			out.PublicIP = p.PublicIP.String()
@@ -142,6 +153,9 @@ func printReport(w io.Writer, rep detect.Report) {
 		fmt.Fprintf(tw, "  public address:\t%s\n", p.Public())
 	}
 	fmt.Fprintf(tw, "  hairpinning:\t%s\n", yesNo(p.Hairpinning))
+	if p.BindingLifetime > 0 {
+		fmt.Fprintf(tw, "  binding lifetime:\t%v\n", time.Duration(p.BindingLifetime))
+	}
 	tw.Flush()
 	fmt.Fprintln(w, "Observers:")
 	tw = tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)

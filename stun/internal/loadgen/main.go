@@ -22,8 +22,8 @@ import (
 
 	"golang.org/x/net/ipv4"
 
-	"peerlink/stun"
 	"peerlink/internal/coturn"
+	"peerlink/stun"
 )
 
 func main() {
