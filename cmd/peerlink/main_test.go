@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
 )
@@ -112,7 +113,12 @@ func TestLabSelftest(t *testing.T) {
 	if !strings.Contains(stdout, "port-restricted") || !strings.Contains(stdout, "symmetric-seq") {
 		t.Errorf("selftest JSON lacks the sites: %s", stdout)
 	}
-	if out, _ := exec.Command("ip", "netns", "list").Output(); strings.Contains(string(out), "plab") {
-		t.Errorf("namespaces left behind: %s", out)
+	// Other tests may run labs at the same time: look for this run's namespaces only.
+	m := regexp.MustCompile(`run=([0-9a-f]+)`).FindStringSubmatch(stderr)
+	if m == nil {
+		t.Fatalf("selftest did not log its run ID: %s", stderr)
+	}
+	if out, _ := exec.Command("ip", "netns", "list").Output(); strings.Contains(string(out), "plab-"+m[1]+"-") {
+		t.Errorf("namespaces of run %s left behind: %s", m[1], out)
 	}
 }
