@@ -67,12 +67,12 @@ func nameOf(names []string, v uint8) string {
 }
 
 func parseName(kind string, names []string, text []byte) (uint8, error) {
-	s := strings.ToLower(strings.TrimSpace(string(text)))
+	s := strings.TrimSpace(string(text))
 	if s == "" {
 		return 0, nil
 	}
 	for i, n := range names {
-		if s == n {
+		if strings.EqualFold(s, n) {
 			return uint8(i), nil
 		}
 	}

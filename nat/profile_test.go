@@ -89,6 +89,13 @@ func TestClassic(t *testing.T) {
 			t.Errorf("%+v.Classic() = %v, want %v", tt.p, got, tt.want)
 		}
 	}
+	for _, c := range []Classic{ClassicOpen, ClassicFullCone, ClassicRestrictedCone, ClassicPortRestrictedCone, ClassicSymmetric, ClassicUDPBlocked} {
+		var back Classic
+		text, _ := c.MarshalText()
+		if err := back.UnmarshalText(text); err != nil || back != c {
+			t.Errorf("Classic %q round trip: %v, %v", text, back, err)
+		}
+	}
 	if s := (Profile{Mapping: MappingEI, Filtering: FilteringPD, Allocation: AllocationPC, PortDelta: 1}).String(); !strings.Contains(s, "port-restricted cone NAT") || !strings.Contains(s, "delta +1") {
 		t.Errorf("String() = %q", s)
 	}

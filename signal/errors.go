@@ -1,0 +1,89 @@
+package signal
+
+import (
+	"errors"
+	"fmt"
+)
+
+// Code is an error code on the wire. docs/protocol.md lists them all.
+type Code string
+
+// Error codes.
+const (
+	CodeMalformed       Code = "malformed"        // not JSON, or not a valid frame or message
+	CodeUnsupported     Code = "unsupported"      // unknown message type
+	CodeTooLarge        Code = "too_large"        // frame over the limit (close 1009)
+	CodeUnauthenticated Code = "unauthenticated"  // a request before auth
+	CodeAuthFailed      Code = "auth_failed"      // the challenge signature does not verify
+	CodeAuthTimeout     Code = "auth_timeout"     // no auth in time
+	CodeBadSignature    Code = "bad_signature"    // a message's signature does not verify
+	CodeSpoofed         Code = "spoofed_sender"   // fromNodeID is not the connection's node
+	CodeStale           Code = "stale"            // timestamp outside the allowed skew
+	CodeReplay          Code = "replay"           // a nonce seen before
+	CodeWrongRecipient  Code = "wrong_recipient"  // toNodeID is not the receiver (receiver side)
+	CodePeerOffline     Code = "peer_offline"     // the target is not connected
+	CodeNotFound        Code = "not_found"        // lookup of a node never seen
+	CodeInvalid         Code = "invalid"          // well-formed but unacceptable values
+	CodeRateLimited     Code = "rate_limited"     // over the per-connection frame rate
+	CodeTooManyErrors   Code = "too_many_errors"  // too many bad frames: the server closes
+	CodeOverloaded      Code = "overloaded"       // the target's queue is full
+	CodeTURNUnavailable Code = "turn_unavailable" // the server has no TURN secret
+	CodeServerFull      Code = "server_full"      // the server's client limit is reached
+	CodeReplaced        Code = "replaced"         // the node connected again elsewhere on this server
+	CodeShuttingDown    Code = "shutting_down"    // the server is stopping
+	CodeInternal        Code = "internal"         // a server fault (store unreachable, ...)
+)
+
+// Error is a protocol error: a code and a human-readable message. errors.Is matches any
+// two *Errors with the same code, so errors.Is(err, ErrPeerOffline) holds for every
+// peer_offline the server sends.
+type Error struct {
+	Code    Code   `json:"code"`
+	Message string `json:"message,omitempty"`
+}
+
+func (e *Error) Error() string {
+	if e.Message == "" {
+		return "signal: " + string(e.Code)
+	}
+	return "signal: " + string(e.Code) + ": " + e.Message
+}
+
+// Is reports whether target is an *Error with the same code.
+func (e *Error) Is(target error) bool {
+	t, ok := target.(*Error)
+	return ok && t.Code == e.Code
+}
+
+func errorf(code Code, format string, args ...any) *Error {
+	return &Error{Code: code, Message: fmt.Sprintf(format, args...)}
+}
+
+// Sentinel errors, one per code that callers act on.
+var (
+	ErrMalformed       = &Error{Code: CodeMalformed}
+	ErrUnsupported     = &Error{Code: CodeUnsupported}
+	ErrTooLarge        = &Error{Code: CodeTooLarge}
+	ErrUnauthenticated = &Error{Code: CodeUnauthenticated}
+	ErrAuthFailed      = &Error{Code: CodeAuthFailed}
+	ErrAuthTimeout     = &Error{Code: CodeAuthTimeout}
+	ErrBadSignature    = &Error{Code: CodeBadSignature}
+	ErrSpoofed         = &Error{Code: CodeSpoofed}
+	ErrStale           = &Error{Code: CodeStale}
+	ErrReplay          = &Error{Code: CodeReplay}
+	ErrWrongRecipient  = &Error{Code: CodeWrongRecipient}
+	ErrPeerOffline     = &Error{Code: CodePeerOffline}
+	ErrNotFound        = &Error{Code: CodeNotFound}
+	ErrInvalid         = &Error{Code: CodeInvalid}
+	ErrRateLimited     = &Error{Code: CodeRateLimited}
+	ErrTooManyErrors   = &Error{Code: CodeTooManyErrors}
+	ErrOverloaded      = &Error{Code: CodeOverloaded}
+	ErrTURNUnavailable = &Error{Code: CodeTURNUnavailable}
+	ErrServerFull      = &Error{Code: CodeServerFull}
+	ErrReplaced        = &Error{Code: CodeReplaced}
+	ErrShuttingDown    = &Error{Code: CodeShuttingDown}
+	ErrInternal        = &Error{Code: CodeInternal}
+)
+
+// ErrClosed is returned by a Client's methods after Close.
+var ErrClosed = errors.New("signal: client closed")
