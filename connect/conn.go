@@ -1,0 +1,508 @@
+package connect
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"sync"
+	"time"
+
+	"peerlink/identity"
+	"peerlink/mux"
+	"peerlink/nat"
+	"peerlink/punch"
+	"peerlink/relay"
+	"peerlink/signal"
+)
+
+// Frames on the data path: a marker byte that no STUN message starts with, the
+// receiver's connection ID (so packets find their connection whatever path or address
+// they come from), a kind, and the payload.
+const (
+	frameMarker = 0xC7
+	frameHeader = 10
+
+	kindData = 0
+	kindPing = 1
+	kindPong = 2
+)
+
+func appendFrame(b []byte, id uint64, kind byte, payload []byte) []byte {
+	b = append(b, frameMarker)
+	b = binary.BigEndian.AppendUint64(b, id)
+	b = append(b, kind)
+	return append(b, payload...)
+}
+
+func parseFrame(b []byte) (id uint64, kind byte, payload []byte, ok bool) {
+	if len(b) < frameHeader || b[0] != frameMarker {
+		return 0, 0, nil, false
+	}
+	return binary.BigEndian.Uint64(b[1:9]), b[9], b[frameHeader:], true
+}
+
+// ErrNoPath is returned by Send before the connection has a path.
+var ErrNoPath = errors.New("connect: no path yet")
+
+// Stats are a connection's timings.
+type Stats struct {
+	// FirstPath is the time from the start to the first working path (relayed or
+	// direct); ToDirect to the direct path, zero if there is none.
+	FirstPath, ToDirect time.Duration
+}
+
+// Conn is a connection to a peer. It carries datagrams over its current path.
+type Conn struct {
+	n         *Node
+	peer      identity.NodeID
+	session   string
+	initiator bool
+	opts      Options
+	checkKey  []byte
+	recvID    uint64
+	sendID    uint64
+	started   time.Time
+
+	msgs      chan *signal.Message
+	in        chan []byte
+	ready     chan struct{}
+	readyOnce sync.Once
+	done      chan struct{}
+	doneOnce  sync.Once
+	err       error
+
+	mu         sync.Mutex
+	method     Method
+	technique  nat.Technique
+	settled    bool // the direct path was found, or given up
+	direct     *mux.Mux
+	directAddr netip.AddrPort
+	extra      *mux.Mux // a socket punching opened for this connection
+	relayPeer  netip.AddrPort
+	relayUp    bool
+	stats      Stats
+}
+
+func newConn(n *Node, peer identity.NodeID, session string, initiator bool, opts Options, key []byte) *Conn {
+	idA, idB := binary.BigEndian.Uint64(key[32:40]), binary.BigEndian.Uint64(key[40:48])
+	c := &Conn{
+		n: n, peer: peer, session: session, initiator: initiator, opts: opts, checkKey: key[:32],
+		started: n.clock.Now(),
+		msgs:    make(chan *signal.Message, 16),
+		in:      make(chan []byte, 256),
+		ready:   make(chan struct{}),
+		done:    make(chan struct{}),
+	}
+	c.recvID, c.sendID = idA, idB
+	if !initiator {
+		c.recvID, c.sendID = idB, idA
+	}
+	return c
+}
+
+// Peer is the NodeID at the other end.
+func (c *Conn) Peer() identity.NodeID { return c.peer }
+
+// Method says how the current path was made: direct, punched or relayed.
+func (c *Conn) Method() Method {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.method
+}
+
+// Technique is the plan's technique for the direct path (nat.Relay when none was
+// possible).
+func (c *Conn) Technique() nat.Technique {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.technique
+}
+
+// Stats returns the connection's timings.
+func (c *Conn) Stats() Stats {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.stats
+}
+
+// Send sends one datagram to the peer over the current path.
+func (c *Conn) Send(b []byte) error {
+	select {
+	case <-c.done:
+		return ErrClosed
+	default:
+	}
+	frame := appendFrame(make([]byte, 0, frameHeader+len(b)), c.sendID, kindData, b)
+	c.mu.Lock()
+	direct, addr, relayUp, relayPeer := c.direct, c.directAddr, c.relayUp, c.relayPeer
+	c.mu.Unlock()
+	switch {
+	case direct != nil:
+		return direct.WriteTo(frame, addr)
+	case relayUp:
+		rc := c.n.relayConn()
+		if rc == nil {
+			return ErrNoPath
+		}
+		_, err := rc.WriteTo(frame, net.UDPAddrFromAddrPort(relayPeer))
+		return err
+	}
+	return ErrNoPath
+}
+
+// Recv returns the next datagram from the peer.
+func (c *Conn) Recv(ctx context.Context) ([]byte, error) {
+	select {
+	case b := <-c.in:
+		return b, nil
+	case <-c.done:
+		return nil, c.err
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+}
+
+// Close ends the connection and tells the peer.
+func (c *Conn) Close() error {
+	select {
+	case <-c.done:
+		return nil
+	default:
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	c.n.sig.Send(ctx, &signal.Message{Type: signal.TypeBye, To: c.peer, Session: c.session, Bye: &signal.Bye{Reason: "closed"}})
+	cancel()
+	c.closeWith(ErrClosed)
+	return nil
+}
+
+func (c *Conn) closeWith(err error) {
+	c.doneOnce.Do(func() {
+		c.err = err
+		close(c.done)
+		c.mu.Lock()
+		extra := c.extra
+		c.mu.Unlock()
+		if extra != nil {
+			extra.Close()
+		}
+		c.n.forget(c)
+	})
+}
+
+func (c *Conn) waitReady(ctx context.Context) (*Conn, error) {
+	select {
+	case <-c.ready:
+		return c, nil
+	case <-c.done:
+		return nil, c.err
+	case <-ctx.Done():
+		err := fmt.Errorf("%w: no path to %s within the timeout: %w", ErrTimeout, c.peer.Short(), ctx.Err())
+		c.closeWith(err)
+		return nil, err
+	}
+}
+
+func (c *Conn) deliver(m *signal.Message) {
+	if m.Type == signal.TypeBye {
+		c.closeWith(fmt.Errorf("%w: peer said bye", ErrClosed))
+		return
+	}
+	select {
+	case c.msgs <- m:
+	default:
+	}
+}
+
+// await waits for the peer's next message of type t in this session.
+func (c *Conn) await(ctx context.Context, t signal.Type) (*signal.Message, error) {
+	for {
+		select {
+		case m := <-c.msgs:
+			if m.Type == t {
+				return m, nil
+			}
+		case <-c.done:
+			return nil, c.err
+		case <-ctx.Done():
+			return nil, fmt.Errorf("%w: waiting for %s from %s: %w", ErrTimeout, t, c.peer.Short(), ctx.Err())
+		}
+	}
+}
+
+// pathUp records a working path and, the first time, releases waitReady.
+func (c *Conn) pathUp(m Method) {
+	c.mu.Lock()
+	elapsed := c.n.clock.Now().Sub(c.started)
+	if c.stats.FirstPath == 0 {
+		c.stats.FirstPath = elapsed
+	}
+	if m != MethodRelayed {
+		c.stats.ToDirect = elapsed
+		c.method = m
+	} else if c.method == MethodNone {
+		c.method = m
+	}
+	c.mu.Unlock()
+	c.readyOnce.Do(func() { close(c.ready) })
+}
+
+// run is the initiator's side after the offer went out.
+func (c *Conn) run(local signal.ConnectionInfo) {
+	ctx, cancel := context.WithTimeout(c.n.ctx, c.opts.timeout())
+	defer cancel()
+	ans, err := c.await(ctx, signal.TypeAnswer)
+	if err != nil {
+		c.closeWith(err)
+		return
+	}
+	c.proceed(ctx, local, *ans.Info)
+}
+
+// respond is the responder's side: answer the offer, then the same as the initiator.
+func (c *Conn) respond(offer *signal.Message) {
+	ctx, cancel := context.WithTimeout(c.n.ctx, c.opts.timeout())
+	defer cancel()
+	if c.n.cfg.Relay != nil {
+		c.n.ensureRelay(ctx)
+	}
+	info := c.n.info()
+	if err := c.n.sig.Send(ctx, &signal.Message{Type: signal.TypeAnswer, To: c.peer, Session: c.session, Info: &info}); err != nil {
+		c.closeWith(err)
+		return
+	}
+	go func() {
+		select {
+		case <-c.ready:
+			select {
+			case c.n.accept <- c:
+			case <-c.done:
+			case <-c.n.ctx.Done():
+			}
+		case <-c.done:
+		}
+	}()
+	c.proceed(ctx, *offer.Info, info)
+}
+
+// proceed runs the plan once both sides' information is known: the relay at once
+// when allowed, and hole punching toward a direct path.
+func (c *Conn) proceed(ctx context.Context, initiator, responder signal.ConnectionInfo) {
+	a, b := profileOf(initiator), profileOf(responder)
+	plan := nat.Strategy(a, b)
+	step := plan.Primary()
+	self, local, remote, remoteInfo := nat.SideA, a, b, responder
+	if !c.initiator {
+		self, local, remote, remoteInfo = nat.SideB, b, a, initiator
+	}
+	local.PublicIP, local.PublicPort = c.n.srflx.Addr(), c.n.srflx.Port()
+	c.mu.Lock()
+	c.technique = step.Technique
+	c.mu.Unlock()
+	c.n.log.Debug("connect: plan", "peer", c.peer.Short(), "plan", plan.String())
+
+	var hosts, reflexive []netip.AddrPort
+	var remoteRelayed netip.AddrPort
+	for _, cand := range remoteInfo.Candidates {
+		switch cand.Type {
+		case signal.CandidateHost:
+			hosts = append(hosts, cand.AddrPort())
+		case signal.CandidateSrflx, signal.CandidatePrflx:
+			reflexive = append(reflexive, cand.AddrPort())
+		case signal.CandidateRelayed:
+			remoteRelayed = cand.AddrPort()
+		}
+	}
+	relayed := !c.opts.NoRelay && remoteRelayed.IsValid() && c.n.relayConn() != nil
+	if relayed {
+		go c.relayPing(ctx, remoteRelayed)
+	}
+
+	var punchErr error
+	switch {
+	case step.Technique == nat.Relay:
+		punchErr = ErrSymmetricNAT
+	case c.opts.NoDirect && !c.opts.NoRelay:
+		punchErr = errors.New("direct paths disabled")
+	default:
+		punchErr = c.punch(ctx, punch.Setup{Session: c.session, Key: c.checkKey, Step: step, Self: self, Local: local, Remote: remote, Main: c.n.main}, hosts, reflexive)
+	}
+	c.mu.Lock()
+	c.settled = true
+	c.mu.Unlock()
+	if punchErr == nil {
+		return
+	}
+	c.n.log.Debug("connect: no direct path", "peer", c.peer.Short(), "err", punchErr)
+	switch {
+	case relayed:
+		return // the relay carries the connection (or will, within the timeout)
+	case c.opts.NoRelay && errors.Is(punchErr, ErrSymmetricNAT):
+		c.closeWith(fmt.Errorf("connect: %s: %w", c.peer.Short(), ErrSymmetricNAT))
+	case c.opts.NoRelay:
+		c.closeWith(fmt.Errorf("connect: %s and relay is disabled: %w", c.peer.Short(), punchErr))
+	default:
+		why := c.n.relayError()
+		if why == nil && !remoteRelayed.IsValid() {
+			why = fmt.Errorf("%w: the peer has no relayed address", ErrNoRelay)
+		}
+		if why == nil {
+			why = ErrNoRelay
+		}
+		c.closeWith(fmt.Errorf("connect: no direct path to %s (%v) and no relay: %w", c.peer.Short(), punchErr, why))
+	}
+}
+
+// punch prepares an attempt, swaps predictions with the peer and runs it.
+func (c *Conn) punch(ctx context.Context, setup punch.Setup, hosts, reflexive []netip.AddrPort) error {
+	att, pred, err := c.n.engine.Prepare(ctx, setup)
+	if err != nil {
+		return err
+	}
+	defer att.Close()
+	msg := &signal.Punch{Technique: setup.Step.Technique, StartAt: c.n.clock.Now(), Sockets: pred.Sockets}
+	if pred.IP.IsValid() {
+		for _, p := range pred.Ports {
+			msg.Addresses = append(msg.Addresses, netip.AddrPortFrom(pred.IP, p))
+		}
+		if len(pred.Ports) == 0 {
+			// Birthday probing names only the IP; port 1 stands for "any".
+			msg.Addresses = []netip.AddrPort{netip.AddrPortFrom(pred.IP, 1)}
+		}
+	}
+	if err := c.n.sig.Send(ctx, &signal.Message{Type: signal.TypePunch, To: c.peer, Session: c.session, Punch: msg}); err != nil {
+		return err
+	}
+	theirs, err := c.await(ctx, signal.TypePunch)
+	if err != nil {
+		return err
+	}
+	var rp punch.Prediction
+	if len(theirs.Punch.Addresses) > 0 {
+		rp.IP = theirs.Punch.Addresses[0].Addr()
+		rp.Sockets = theirs.Punch.Sockets
+		if rp.Sockets == 0 {
+			for _, a := range theirs.Punch.Addresses {
+				rp.Ports = append(rp.Ports, a.Port())
+			}
+		}
+	}
+	res, err := att.Run(ctx, punch.Params{RemoteHost: hosts, RemoteReflexive: reflexive, RemotePrediction: rp, MaxAttempts: c.opts.attempts()})
+	if err != nil {
+		return err
+	}
+	c.mu.Lock()
+	c.direct, c.directAddr = res.Local, res.Remote
+	if res.Local != c.n.main {
+		c.extra = res.Local
+	}
+	c.mu.Unlock()
+	if res.Local != c.n.main {
+		c.n.wg.Go(func() { c.n.dataLoop(res.Local.Data(), nil) })
+	}
+	select {
+	case <-c.done:
+		res.Local.Close()
+		return ErrClosed
+	default:
+	}
+	c.pathUp(methodOf(res.Technique))
+	return nil
+}
+
+// relayPing confirms the relayed path: pings through this node's allocation to the
+// peer's relayed address until a pong comes back. Both peers ping, which also installs
+// the permissions each allocation needs for the other.
+func (c *Conn) relayPing(ctx context.Context, peer netip.AddrPort) {
+	rc := c.n.relayConn()
+	if rc == nil {
+		return
+	}
+	c.mu.Lock()
+	if !c.relayPeer.IsValid() {
+		c.relayPeer = peer
+	}
+	c.mu.Unlock()
+	ping := appendFrame(nil, c.sendID, kindPing, nil)
+	to := net.UDPAddrFromAddrPort(peer)
+	for {
+		c.mu.Lock()
+		up := c.relayUp
+		c.mu.Unlock()
+		if up {
+			return
+		}
+		rc.WriteTo(ping, to)
+		select {
+		case <-time.After(50 * time.Millisecond):
+		case <-ctx.Done():
+			return
+		case <-c.done:
+			return
+		}
+	}
+}
+
+// receive handles one frame for this connection that arrived on pc (via the relay
+// when via is set) from from.
+func (c *Conn) receive(kind byte, payload []byte, from netip.AddrPort, pc net.PacketConn, via *relay.Conn) {
+	switch kind {
+	case kindData:
+		b := append([]byte(nil), payload...)
+		select {
+		case c.in <- b:
+		default: // a reader that does not keep up loses datagrams, as with UDP
+		}
+	case kindPing:
+		pong := appendFrame(nil, c.sendID, kindPong, nil)
+		pc.WriteTo(pong, net.UDPAddrFromAddrPort(from))
+		if via != nil {
+			c.relayConfirmed(from)
+		}
+	case kindPong:
+		if via != nil {
+			c.relayConfirmed(from)
+		}
+	}
+}
+
+// relayConfirmed marks the relayed path working: a ping or pong came through it.
+func (c *Conn) relayConfirmed(from netip.AddrPort) {
+	c.mu.Lock()
+	first := !c.relayUp
+	c.relayUp, c.relayPeer = true, from
+	c.mu.Unlock()
+	if first {
+		c.pathUp(MethodRelayed)
+	}
+}
+
+func (n *Node) relayConn() *relay.Conn {
+	n.relayMu.Lock()
+	defer n.relayMu.Unlock()
+	return n.relay
+}
+
+func (n *Node) relayError() error {
+	n.relayMu.Lock()
+	defer n.relayMu.Unlock()
+	if n.cfg.Relay == nil {
+		return fmt.Errorf("%w: no relay configured", ErrNoRelay)
+	}
+	return n.relayErr
+}
+
+// profileOf is the NAT profile a peer published, reflexive address included.
+func profileOf(ci signal.ConnectionInfo) nat.Profile {
+	var p nat.Profile
+	if ci.Profile != nil {
+		p = *ci.Profile
+	}
+	if ci.PublicIP.IsValid() {
+		p.PublicIP, p.PublicPort = ci.PublicIP, ci.PublicPort
+	}
+	return p
+}

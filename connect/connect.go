@@ -1,0 +1,101 @@
+// Package connect gets two peerlink nodes a path: it plans from both NAT profiles, opens
+// a relayed path at once when relaying is allowed, punches a direct one through the NATs
+// and moves the connection onto it, and says how the connection was made.
+package connect
+
+import (
+	"errors"
+	"fmt"
+	"time"
+
+	"peerlink/detect"
+	"peerlink/nat"
+	"peerlink/punch"
+	"peerlink/relayreg"
+	"peerlink/signal"
+)
+
+// Method is how a connection's current path was made.
+type Method uint8
+
+// Methods.
+const (
+	MethodNone Method = iota
+	// MethodDirect: one peer was reachable (public, full cone, same LAN) and was dialled.
+	MethodDirect
+	// MethodPunched: hole punching opened a path through the NATs.
+	MethodPunched
+	// MethodRelayed: traffic goes through a TURN relay.
+	MethodRelayed
+)
+
+var methodNames = []string{"none", "direct", "punched", "relayed"}
+
+func (m Method) String() string {
+	if int(m) < len(methodNames) {
+		return methodNames[m]
+	}
+	return fmt.Sprintf("Method(%d)", uint8(m))
+}
+
+// MarshalText returns "direct", "punched" or "relayed".
+func (m Method) MarshalText() ([]byte, error) { return []byte(m.String()), nil }
+
+// methodOf says how a path found by technique t was made.
+func methodOf(t nat.Technique) Method {
+	switch t {
+	case nat.Direct, nat.Reversal, nat.Local:
+		return MethodDirect
+	case nat.Relay, nat.TechniqueNone:
+		return MethodRelayed
+	}
+	return MethodPunched
+}
+
+// Errors. Connect's errors wrap one of these with their cause.
+var (
+	// ErrPeerOffline: the target is not connected to the rendezvous service.
+	ErrPeerOffline = signal.ErrPeerOffline
+	// ErrPunchFailed: hole punching found no path and relaying is not allowed.
+	ErrPunchFailed = punch.ErrPunchFailed
+	// ErrSymmetricNAT: both peers' NATs are too hard to punch and relaying is not
+	// allowed.
+	ErrSymmetricNAT = errors.New("connect: both peers are behind NATs that cannot be punched (symmetric); enable relay")
+	// ErrNoRelay: a relay was needed but none could be used.
+	ErrNoRelay = relayreg.ErrNoRelay
+	// ErrDetectionTimeout and ErrNoObservers come from NAT profiling.
+	ErrDetectionTimeout = detect.ErrDetectionTimeout
+	ErrNoObservers      = detect.ErrNoObservers
+	// ErrClosed: the node or connection was closed.
+	ErrClosed = errors.New("connect: closed")
+	// ErrTimeout: no path came up within Options.Timeout.
+	ErrTimeout = errors.New("connect: timed out")
+)
+
+// Options are per-connection choices. The zero value is the defaults.
+type Options struct {
+	// Timeout bounds Connect until the first path works; zero means 10 s.
+	Timeout time.Duration
+	// NoDirect disables the upgrade to a direct path: the connection stays relayed.
+	// (The zero value prefers direct paths, as PreferDirect: true would.)
+	NoDirect bool
+	// NoRelay disallows relaying: Connect fails with ErrPunchFailed or ErrSymmetricNAT
+	// when no direct path works. (The zero value allows the relay fallback.)
+	NoRelay bool
+	// MaxPunchAttempts is how many punching rounds to run; zero means 3.
+	MaxPunchAttempts int
+}
+
+func (o Options) timeout() time.Duration {
+	if o.Timeout <= 0 {
+		return 10 * time.Second
+	}
+	return o.Timeout
+}
+
+func (o Options) attempts() int {
+	if o.MaxPunchAttempts <= 0 {
+		return 3
+	}
+	return o.MaxPunchAttempts
+}

@@ -1,0 +1,96 @@
+package connect
+
+import (
+	"context"
+	"errors"
+	"testing"
+	"time"
+
+	"go.uber.org/goleak"
+
+	"peerlink/nat"
+	"peerlink/signal"
+	"peerlink/signal/signaltest"
+)
+
+func TestMain(m *testing.M) {
+	goleak.VerifyTestMain(m, goleak.IgnoreTopFunction("github.com/pion/transport/v4/deadline.(*Deadline).Set.func1"))
+}
+
+func mustType(t testing.TB, s string) nat.Type {
+	ty, err := nat.ParseType(s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ty
+}
+
+func TestConnectMethods(t *testing.T) {
+	sig := signaltest.Start(t, signal.Config{}, false)
+	tests := []struct {
+		name   string
+		a, b   nodeOpts
+		opts   Options
+		method Method
+	}{
+		{"port-restricted pair punches", nodeOpts{typ: mustType(t, "ei-pd-pp")}, nodeOpts{typ: mustType(t, "ei-pd-pp")}, Options{}, MethodPunched},
+		{"to a public host is direct", nodeOpts{typ: mustType(t, "pd-pd-rd")}, nodeOpts{open: true}, Options{}, MethodDirect},
+		{"from a public host (reversal) is direct", nodeOpts{open: true}, nodeOpts{typ: mustType(t, "pd-pd-rd")}, Options{}, MethodDirect},
+		{"symmetric pair is relayed", nodeOpts{typ: mustType(t, "pd-pd-rd")}, nodeOpts{typ: mustType(t, "hd-pd-rd")}, Options{}, MethodRelayed},
+		{"detected profiles", nodeOpts{typ: mustType(t, "ei-hd-pc"), detect: true}, nodeOpts{typ: mustType(t, "pd-ei-rd"), detect: true}, Options{}, MethodPunched},
+		{"relay only when asked", nodeOpts{typ: mustType(t, "ei-ei-pp")}, nodeOpts{typ: mustType(t, "ei-pd-pp")}, Options{NoDirect: true}, MethodRelayed},
+	}
+	for i, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			w := newWorld(t, uint64(i+1), sig)
+			a, b := w.node("a", tt.a), w.node("b", tt.b)
+			c, err := pair(t, a, b, tt.opts)
+			if err != nil {
+				t.Fatal(err)
+			}
+			// The direct path may come after the relayed one: wait for it to settle.
+			deadline := time.Now().Add(10 * time.Second)
+			for c.Method() != tt.method && time.Now().Before(deadline) {
+				time.Sleep(20 * time.Millisecond)
+			}
+			if c.Method() != tt.method {
+				t.Errorf("method %v (technique %v), want %v", c.Method(), c.Technique(), tt.method)
+			}
+			t.Logf("%s: %v via %v, first path %v, direct %v", tt.name, c.Method(), c.Technique(), c.Stats().FirstPath, c.Stats().ToDirect)
+		})
+	}
+}
+
+func TestConnectErrors(t *testing.T) {
+	sig := signaltest.Start(t, signal.Config{}, false)
+	w := newWorld(t, 1, sig)
+	a := w.node("a", nodeOpts{typ: mustType(t, "pd-pd-rd"), noRelay: true})
+	b := w.node("b", nodeOpts{typ: mustType(t, "pd-pd-rd"), noRelay: true})
+
+	// Symmetric on both sides, no relay: refused at once with the reason.
+	if _, err := pair(t, a, b, Options{NoRelay: true}); !errors.Is(err, ErrSymmetricNAT) {
+		t.Errorf("symmetric pair without relay: %v, want ErrSymmetricNAT", err)
+	}
+	// Relay allowed but none configured: a clear error, not a hang.
+	start := time.Now()
+	if _, err := pair(t, a, b, Options{}); !errors.Is(err, ErrNoRelay) {
+		t.Errorf("symmetric pair, no relay configured: %v, want ErrNoRelay", err)
+	}
+	if d := time.Since(start); d > 5*time.Second {
+		t.Errorf("failing took %v", d)
+	}
+	// An offline peer: ErrPeerOffline at once.
+	off := w.node("c", nodeOpts{typ: mustType(t, "ei-ei-pp"), noRelay: true})
+	offID := off.NodeID()
+	off.Close()
+	off.sig.Close() // the node does not own its signaling client
+	start = time.Now()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if _, err := a.Connect(ctx, offID, Options{}); !errors.Is(err, ErrPeerOffline) {
+		t.Errorf("offline peer: %v, want ErrPeerOffline", err)
+	}
+	if d := time.Since(start); d > time.Second {
+		t.Errorf("ErrPeerOffline took %v, want under 1s", d)
+	}
+}

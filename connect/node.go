@@ -1,0 +1,475 @@
+package connect
+
+import (
+	"context"
+	"crypto/rand"
+	"crypto/tls"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"strings"
+	"sync"
+	"time"
+
+	"peerlink/clock"
+	"peerlink/detect"
+	"peerlink/identity"
+	"peerlink/mux"
+	"peerlink/nat"
+	"peerlink/nettype"
+	"peerlink/punch"
+	"peerlink/relay"
+	"peerlink/signal"
+)
+
+// RelayConfig names the TURN server a node relays through.
+type RelayConfig struct {
+	// Server is the TURN server's host:port.
+	Server string
+	// Transport is UDP (the default), TCP or TLS; nodes whose UDP is blocked use TCP or
+	// TLS whatever this says.
+	Transport relay.Transport
+	// Username and Password are long-term credentials; empty means short-lived TURN REST
+	// credentials from the rendezvous server.
+	Username, Password string
+	// TLSConfig is used for TLS; nil verifies the server against the system roots.
+	TLSConfig *tls.Config
+}
+
+// Config configures a Node. Identity, Signal and STUN are required.
+type Config struct {
+	// Identity is the node's key; it signs signaling and keys the checks.
+	Identity *identity.Identity
+	// Signal is a connected rendezvous client for Identity. The node reads its incoming
+	// messages, so nothing else may call its Recv; the caller closes it after the node.
+	Signal *signal.Client
+	// STUN lists the STUN observers ("host:port"), an RFC 5780 server first.
+	STUN []string
+	// Relay, when set, is the relay the node falls back to (and starts on: relay-first).
+	Relay *RelayConfig
+	// Net opens every UDP socket; nil means the host's network.
+	Net nettype.PacketListener
+	// Bind is the main socket's local address; empty means any address, port 0.
+	Bind string
+	// LocalIPs lists the addresses offered as host candidates; nil means the host's
+	// interface addresses, without loopback, link-local and container or VPN interfaces.
+	LocalIPs func() ([]netip.Addr, error)
+	// Profile, when set, is used instead of detecting the NAT (a known environment).
+	Profile *nat.Profile
+	// Punch tunes hole punching; its Net, Clock, Logger, Observe and STUNServer are
+	// set by the node.
+	Punch punch.Config
+	// Clock is the time source; nil means the real clock.
+	Clock clock.Clock
+	// Logger receives progress; nil means quiet.
+	Logger *slog.Logger
+}
+
+// Node is one peerlink endpoint: it connects to peers and accepts their connections.
+type Node struct {
+	cfg    Config
+	id     *identity.Identity
+	sig    *signal.Client
+	log    *slog.Logger
+	clock  clock.Clock
+	net    nettype.PacketListener
+	main   *mux.Mux
+	engine *punch.Engine
+	det    *detect.Detector
+
+	profile nat.Profile
+	srflx   netip.AddrPort
+	hosts   []netip.AddrPort
+
+	relayMu  sync.Mutex
+	relay    *relay.Conn
+	relayErr error
+
+	mu       sync.Mutex
+	conns    map[uint64]*Conn
+	sessions map[string]*Conn
+	closed   bool
+
+	accept chan *Conn
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+}
+
+// Start opens the node's socket, profiles its NAT, publishes how to reach it and starts
+// accepting connections.
+func Start(ctx context.Context, cfg Config) (*Node, error) {
+	if cfg.Identity == nil || cfg.Signal == nil {
+		return nil, errors.New("connect: Config needs Identity and Signal")
+	}
+	if len(cfg.STUN) == 0 {
+		return nil, fmt.Errorf("connect: %w: Config.STUN is empty", ErrNoObservers)
+	}
+	n := &Node{
+		cfg: cfg, id: cfg.Identity, sig: cfg.Signal, log: cfg.Logger, clock: clock.Or(cfg.Clock),
+		net: nettype.Or(cfg.Net), conns: map[uint64]*Conn{}, sessions: map[string]*Conn{},
+		accept: make(chan *Conn, 16),
+	}
+	if n.log == nil {
+		n.log = slog.New(slog.DiscardHandler)
+	}
+	n.ctx, n.cancel = context.WithCancel(context.Background())
+	localIPs := cfg.LocalIPs
+	if localIPs == nil {
+		localIPs = hostIPs
+	}
+	n.det = detect.New(detect.Config{Observers: cfg.STUN, Net: n.net, LocalIPs: localIPs, Clock: cfg.Clock, Logger: cfg.Logger})
+	stunSrv, err := netip.ParseAddrPort(cfg.STUN[0])
+	if err != nil {
+		return nil, fmt.Errorf("connect: STUN observer %q must be ip:port: %w", cfg.STUN[0], err)
+	}
+	pc := cfg.Punch
+	pc.Net, pc.Clock, pc.Logger, pc.Observe, pc.STUNServer = n.net, cfg.Clock, cfg.Logger, n.det.AddObservation, stunSrv
+	n.engine = punch.New(pc)
+	bind := cfg.Bind
+	if bind == "" {
+		bind = ":0"
+	}
+	conn, err := n.net.ListenPacket(ctx, "udp4", bind)
+	if err != nil {
+		n.det.Close()
+		return nil, fmt.Errorf("connect: main socket: %w", err)
+	}
+	n.main = n.engine.NewMux(conn, mux.Config{Clock: cfg.Clock, Logger: cfg.Logger})
+	fail := func(err error) (*Node, error) {
+		n.Close()
+		return nil, err
+	}
+
+	if cfg.Profile != nil {
+		n.profile = *cfg.Profile
+	} else {
+		p, err := n.det.Detect(ctx, detect.Options{})
+		if err != nil && !p.UDPBlocked {
+			return fail(fmt.Errorf("connect: profiling the NAT: %w", err))
+		}
+		n.profile = p
+	}
+	if !n.profile.UDPBlocked {
+		bctx, cancel := context.WithTimeout(ctx, 3*time.Second)
+		n.srflx, err = n.main.Binding(bctx, stunSrv, 200*time.Millisecond)
+		cancel()
+		if err != nil {
+			n.log.Debug("connect: no reflexive address for the main socket", "err", err)
+		}
+	}
+	if ips, err := localIPs(); err == nil {
+		for _, ip := range ips {
+			n.hosts = append(n.hosts, netip.AddrPortFrom(ip, n.main.LocalAddr().Port()))
+		}
+	}
+	if cfg.Relay != nil {
+		n.ensureRelay(ctx) // relay-first: an allocation is ready before anyone connects
+	}
+	if err := n.sig.Publish(ctx, n.info()); err != nil {
+		return fail(fmt.Errorf("connect: publishing: %w", err))
+	}
+	n.wg.Go(n.signalLoop)
+	n.wg.Go(func() { n.dataLoop(n.main.Data(), nil) })
+	n.log.Info("connect: node up", "node", n.id.NodeID().Short(), "profile", n.profile.String(), "reflexive", n.srflx)
+	return n, nil
+}
+
+// NodeID is this node's ID.
+func (n *Node) NodeID() identity.NodeID { return n.id.NodeID() }
+
+// Profile is this node's NAT profile.
+func (n *Node) Profile() nat.Profile { return n.profile }
+
+// Detector is the node's NAT detector (for Subscribe, Refresh).
+func (n *Node) Detector() *detect.Detector { return n.det }
+
+// info is this node's connection information: profile and candidates.
+func (n *Node) info() signal.ConnectionInfo {
+	var cands []signal.Candidate
+	for i, h := range n.hosts {
+		cands = append(cands, signal.Candidate{Type: signal.CandidateHost, IP: h.Addr(), Port: h.Port(), Priority: signal.CandidatePriority(signal.CandidateHost, uint16(65535-i))})
+	}
+	if n.srflx.IsValid() {
+		cands = append(cands, signal.Candidate{Type: signal.CandidateSrflx, IP: n.srflx.Addr(), Port: n.srflx.Port(), Priority: signal.CandidatePriority(signal.CandidateSrflx, 65535)})
+	}
+	if ra := n.relayAddr(); ra.IsValid() {
+		cands = append(cands, signal.Candidate{Type: signal.CandidateRelayed, IP: ra.Addr(), Port: ra.Port(), Priority: signal.CandidatePriority(signal.CandidateRelayed, 65535)})
+	}
+	p := n.profile
+	if n.srflx.IsValid() {
+		p.PublicIP, p.PublicPort = n.srflx.Addr(), n.srflx.Port()
+	}
+	return signal.NewConnectionInfo(p, n.main.LocalAddr(), cands)
+}
+
+// ensureRelay allocates on the relay once; later calls return the allocation or the
+// error of the last try (retrying after it).
+func (n *Node) ensureRelay(ctx context.Context) (*relay.Conn, error) {
+	n.relayMu.Lock()
+	defer n.relayMu.Unlock()
+	if n.relay != nil {
+		return n.relay, nil
+	}
+	rc := n.cfg.Relay
+	if rc == nil {
+		return nil, fmt.Errorf("%w: no relay configured", ErrNoRelay)
+	}
+	user, pass := rc.Username, rc.Password
+	if user == "" {
+		cred, err := n.sig.TURNCredentials(ctx)
+		if err != nil {
+			n.relayErr = fmt.Errorf("%w: TURN credentials: %w", ErrNoRelay, err)
+			return nil, n.relayErr
+		}
+		user, pass = cred.Username, cred.Password
+	}
+	transport := rc.Transport
+	if n.profile.UDPBlocked && (transport == "" || transport == relay.UDP) {
+		transport = relay.TCP
+	}
+	actx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	c, err := relay.Dial(actx, relay.ClientConfig{Server: rc.Server, Transport: transport, Username: user, Password: pass, TLSConfig: rc.TLSConfig, Listener: n.net, Logger: n.cfg.Logger})
+	if err != nil {
+		n.relayErr = fmt.Errorf("%w: relay %s is unreachable or refused us: %w", ErrNoRelay, rc.Server, err)
+		return nil, n.relayErr
+	}
+	n.relay, n.relayErr = c, nil
+	n.wg.Go(func() { n.dataLoop(c, c) })
+	return c, nil
+}
+
+func (n *Node) relayAddr() netip.AddrPort {
+	n.relayMu.Lock()
+	defer n.relayMu.Unlock()
+	if n.relay == nil {
+		return netip.AddrPort{}
+	}
+	return addrPortOf(n.relay.RelayedAddr())
+}
+
+// Connect connects to target. It returns once a path works — the relay's, usually
+// first — and keeps upgrading to a direct path in the background unless
+// opts.NoDirect; Conn.Method follows.
+func (n *Node) Connect(ctx context.Context, target identity.NodeID, opts Options) (*Conn, error) {
+	ctx, cancel := context.WithTimeout(ctx, opts.timeout())
+	defer cancel()
+	session := newSession()
+	c, err := n.newConn(target, session, true, opts)
+	if err != nil {
+		return nil, err
+	}
+	if !opts.NoRelay && n.cfg.Relay != nil {
+		n.ensureRelay(ctx)
+	}
+	info := n.info()
+	if err := n.sig.Send(ctx, &signal.Message{Type: signal.TypeOffer, To: target, Session: session, Info: &info}); err != nil {
+		c.closeWith(err)
+		return nil, fmt.Errorf("connect: offer to %s: %w", target.Short(), err)
+	}
+	n.wg.Go(func() { c.run(info) })
+	return c.waitReady(ctx)
+}
+
+// Accept waits for a connection a peer started.
+func (n *Node) Accept(ctx context.Context) (*Conn, error) {
+	select {
+	case c := <-n.accept:
+		return c, nil
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	case <-n.ctx.Done():
+		return nil, ErrClosed
+	}
+}
+
+// Attempt describes a connection being set up.
+type Attempt struct {
+	Peer      identity.NodeID
+	Session   string
+	Initiator bool
+	Technique nat.Technique
+	Method    Method // the path so far (MethodNone before the first)
+	Started   time.Time
+}
+
+// Pending lists connections still being set up, or still trying for a direct path.
+func (n *Node) Pending() []Attempt {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	var out []Attempt
+	for _, c := range n.sessions {
+		c.mu.Lock()
+		if !c.settled {
+			out = append(out, Attempt{Peer: c.peer, Session: c.session, Initiator: c.initiator, Technique: c.technique, Method: c.method, Started: c.started})
+		}
+		c.mu.Unlock()
+	}
+	return out
+}
+
+// Close closes every connection and the node's sockets, and waits for its goroutines.
+// It does not close Config.Signal. It is idempotent.
+func (n *Node) Close() error {
+	n.mu.Lock()
+	if n.closed {
+		n.mu.Unlock()
+		return nil
+	}
+	n.closed = true
+	conns := make([]*Conn, 0, len(n.sessions))
+	for _, c := range n.sessions {
+		conns = append(conns, c)
+	}
+	n.mu.Unlock()
+	n.cancel()
+	for _, c := range conns {
+		c.closeWith(ErrClosed)
+	}
+	n.engine.Close()
+	n.main.Close()
+	n.relayMu.Lock()
+	if n.relay != nil {
+		n.relay.Close()
+	}
+	n.relayMu.Unlock()
+	n.det.Close()
+	n.wg.Wait()
+	return nil
+}
+
+// signalLoop hands each incoming message to its session, and starts accepting offers.
+func (n *Node) signalLoop() {
+	for {
+		m, err := n.sig.Recv(n.ctx)
+		if err != nil {
+			if n.ctx.Err() == nil {
+				n.log.Warn("connect: signaling ended", "err", err)
+			}
+			return
+		}
+		n.mu.Lock()
+		c := n.sessions[m.Session]
+		n.mu.Unlock()
+		switch {
+		case c != nil:
+			c.deliver(m)
+		case m.Type == signal.TypeOffer && m.Info != nil:
+			c, err := n.newConn(m.From, m.Session, false, Options{})
+			if err != nil {
+				continue
+			}
+			n.wg.Go(func() { c.respond(m) })
+		}
+	}
+}
+
+// dataLoop reads a socket's data path (the main socket's, an extra punched socket's or
+// the relay's) and hands each packet to its connection. via is the relay when the
+// packets came through it.
+func (n *Node) dataLoop(pc net.PacketConn, via *relay.Conn) {
+	buf := make([]byte, 64<<10)
+	for {
+		k, from, err := pc.ReadFrom(buf)
+		if err != nil {
+			if errors.Is(err, net.ErrClosed) || n.ctx.Err() != nil {
+				return
+			}
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				continue
+			}
+			n.log.Debug("connect: data read ended", "err", err)
+			return
+		}
+		id, kind, payload, ok := parseFrame(buf[:k])
+		if !ok {
+			continue
+		}
+		n.mu.Lock()
+		c := n.conns[id]
+		n.mu.Unlock()
+		if c != nil {
+			c.receive(kind, payload, addrPortOf(from), pc, via)
+		}
+	}
+}
+
+func (n *Node) newConn(peer identity.NodeID, session string, initiator bool, opts Options) (*Conn, error) {
+	key, err := n.id.SharedKey(peer, []byte(session), 48)
+	if err != nil {
+		return nil, err
+	}
+	c := newConn(n, peer, session, initiator, opts, key)
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if n.closed {
+		return nil, ErrClosed
+	}
+	n.sessions[session] = c
+	n.conns[c.recvID] = c
+	return c, nil
+}
+
+func (n *Node) forget(c *Conn) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	delete(n.sessions, c.session)
+	delete(n.conns, c.recvID)
+}
+
+func newSession() string {
+	var b [16]byte
+	rand.Read(b[:])
+	return hex.EncodeToString(b[:])
+}
+
+func addrPortOf(a net.Addr) netip.AddrPort {
+	if u, ok := a.(*net.UDPAddr); ok {
+		ap := u.AddrPort()
+		return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
+	}
+	ap, _ := netip.ParseAddrPort(a.String())
+	return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
+}
+
+// hostIPs lists the host's usable addresses for host candidates: no loopback or
+// link-local, and no container, bridge or VPN interfaces, whose addresses peers cannot
+// reach and which would only cost checks.
+func hostIPs() ([]netip.Addr, error) {
+	ifs, err := net.Interfaces()
+	if err != nil {
+		return nil, err
+	}
+	var out []netip.Addr
+	for _, ifc := range ifs {
+		if ifc.Flags&net.FlagUp == 0 || skipInterface(ifc.Name) {
+			continue
+		}
+		addrs, _ := ifc.Addrs()
+		for _, a := range addrs {
+			p, err := netip.ParsePrefix(a.String())
+			if err != nil {
+				continue
+			}
+			ip := p.Addr().Unmap()
+			if ip.Is4() && !ip.IsLoopback() && !ip.IsLinkLocalUnicast() {
+				out = append(out, ip)
+			}
+		}
+	}
+	return out, nil
+}
+
+func skipInterface(name string) bool {
+	for _, p := range []string{"docker", "br-", "veth", "virbr", "tun", "tap", "wg", "tailscale", "zt", "utun", "lo"} {
+		if strings.HasPrefix(name, p) {
+			return true
+		}
+	}
+	return false
+}

@@ -1,0 +1,163 @@
+package relay
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"sync"
+
+	"github.com/pion/logging"
+	"github.com/pion/turn/v4"
+
+	"peerlink/nettype"
+)
+
+// ClientConfig says how to get a relayed address from a TURN server (peerlink's relay,
+// coturn or any RFC 8656 server).
+type ClientConfig struct {
+	// Server is the TURN server's host:port (IPv4).
+	Server string
+	// Transport reaches the server over UDP, TCP or TLS; "" means UDP. TCP and TLS get
+	// through networks that block UDP; the relayed address is UDP either way.
+	Transport Transport
+	// Username and Password are long-term credentials (see RESTCredentials for the
+	// ephemeral kind).
+	Username, Password string
+	// TLSConfig is used for TLS; nil means verifying the server's certificate for the
+	// host in Server against the system roots.
+	TLSConfig *tls.Config
+	// Listener opens the client's UDP socket; nil means the host's network.
+	Listener nettype.PacketListener
+	// Logger receives the TURN client's log; nil means quiet.
+	Logger *slog.Logger
+}
+
+// ErrAllocate wraps the server's refusal or a failed exchange while allocating.
+var ErrAllocate = errors.New("relay: allocation failed")
+
+// Conn is an allocation on a TURN server: a net.PacketConn whose LocalAddr is the
+// relayed address. Writes to a peer install its permission (and a channel) first;
+// the allocation, permissions and channels are refreshed until Close.
+type Conn struct {
+	net.PacketConn
+	client *turn.Client
+	base   io.Closer
+	once   sync.Once
+}
+
+// Dial connects to the TURN server in cfg and allocates a relayed address.
+func Dial(ctx context.Context, cfg ClientConfig) (*Conn, error) {
+	var (
+		pc   net.PacketConn
+		base io.Closer
+	)
+	switch cfg.Transport {
+	case "", UDP:
+		c, err := nettype.Or(cfg.Listener).ListenPacket(ctx, "udp4", "0.0.0.0:0")
+		if err != nil {
+			return nil, fmt.Errorf("relay: client socket: %w", err)
+		}
+		pc, base = c, c
+	case TCP, TLS:
+		var d net.Dialer
+		c, err := d.DialContext(ctx, "tcp", cfg.Server)
+		if err != nil {
+			return nil, fmt.Errorf("relay: dial %s: %w", cfg.Server, err)
+		}
+		if cfg.Transport == TLS {
+			tc := cfg.TLSConfig
+			if tc == nil {
+				host, _, _ := net.SplitHostPort(cfg.Server)
+				tc = &tls.Config{ServerName: host}
+			}
+			t := tls.Client(c, tc)
+			if err := t.HandshakeContext(ctx); err != nil {
+				c.Close()
+				return nil, fmt.Errorf("relay: tls %s: %w", cfg.Server, err)
+			}
+			c = t
+		}
+		pc, base = turn.NewSTUNConn(c), c
+	default:
+		return nil, fmt.Errorf("relay: unknown transport %q", cfg.Transport)
+	}
+	client, err := turn.NewClient(&turn.ClientConfig{
+		STUNServerAddr: cfg.Server,
+		TURNServerAddr: cfg.Server,
+		Username:       cfg.Username,
+		Password:       cfg.Password,
+		Conn:           pc,
+		LoggerFactory:  slogFactory{cfg.Logger},
+	})
+	if err != nil {
+		base.Close()
+		return nil, fmt.Errorf("relay: %w", err)
+	}
+	if err := client.Listen(); err != nil {
+		client.Close()
+		base.Close()
+		return nil, fmt.Errorf("relay: %w", err)
+	}
+	// The TURN client takes no context: closing its socket is what cuts it short.
+	stop := context.AfterFunc(ctx, func() { base.Close() })
+	relayed, err := client.Allocate()
+	cancelled := !stop()
+	if err != nil || cancelled {
+		client.Close()
+		base.Close()
+		if cancelled {
+			return nil, ctx.Err()
+		}
+		return nil, fmt.Errorf("%w: %s via %s: %w", ErrAllocate, cfg.Server, cmpTransport(cfg.Transport), err)
+	}
+	return &Conn{PacketConn: relayed, client: client, base: base}, nil
+}
+
+func cmpTransport(t Transport) Transport {
+	if t == "" {
+		return UDP
+	}
+	return t
+}
+
+// RelayedAddr is the allocation's relayed transport address, the address peers send
+// to.
+func (c *Conn) RelayedAddr() net.Addr { return c.PacketConn.LocalAddr() }
+
+// Close deletes the allocation and closes the connection to the server.
+func (c *Conn) Close() error {
+	c.once.Do(func() {
+		c.PacketConn.Close()
+		c.client.Close()
+		c.base.Close()
+	})
+	return nil
+}
+
+// slogFactory routes the TURN client's log to a slog.Logger; nil means quiet.
+type slogFactory struct{ l *slog.Logger }
+
+func (f slogFactory) NewLogger(scope string) logging.LeveledLogger {
+	l := f.l
+	if l == nil {
+		l = slog.New(slog.DiscardHandler)
+	}
+	return slogLeveled{l.With("scope", scope)}
+}
+
+type slogLeveled struct{ l *slog.Logger }
+
+func (s slogLeveled) Trace(msg string)                  {}
+func (s slogLeveled) Tracef(format string, args ...any) {}
+func (s slogLeveled) Debug(msg string)                  { s.l.Debug(msg) }
+func (s slogLeveled) Debugf(format string, args ...any) { s.l.Debug(fmt.Sprintf(format, args...)) }
+func (s slogLeveled) Info(msg string)                   { s.l.Info(msg) }
+func (s slogLeveled) Infof(format string, args ...any)  { s.l.Info(fmt.Sprintf(format, args...)) }
+func (s slogLeveled) Warn(msg string)                   { s.l.Warn(msg) }
+func (s slogLeveled) Warnf(format string, args ...any)  { s.l.Warn(fmt.Sprintf(format, args...)) }
+func (s slogLeveled) Error(msg string)                  { s.l.Error(msg) }
+func (s slogLeveled) Errorf(format string, args ...any) { s.l.Error(fmt.Sprintf(format, args...)) }
