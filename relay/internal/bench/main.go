@@ -181,9 +181,9 @@ func run(modeList, sessionList, paceList string, msgs, size, runs, idle int) err
 
 type row struct {
 	server, mode, sessions, pace string
-	sent, recv             int
-	transmit               float64 // seconds, as uclient reports (whole seconds)
-	cpu                    float64 // server CPU seconds over the whole uclient run
+	sent, recv                   int
+	transmit                     float64 // seconds, as uclient reports (whole seconds)
+	cpu                          float64 // server CPU seconds over the whole uclient run
 }
 
 func (r row) rate() float64 {
