@@ -294,6 +294,11 @@ func (c *Conn) proceed(ctx context.Context, initiator, responder signal.Connecti
 	a, b := profileOf(initiator), profileOf(responder)
 	plan := nat.Strategy(a, b)
 	step := plan.Primary()
+	if step.Technique == nat.Relay && plan[0].Technique == nat.Local {
+		// Behind one public IP: their LAN addresses may reach each other even when
+		// their NAT cannot be punched.
+		step = plan[0]
+	}
 	self, local, remote, remoteInfo := nat.SideA, a, b, responder
 	if !c.initiator {
 		self, local, remote, remoteInfo = nat.SideB, b, a, initiator

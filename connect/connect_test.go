@@ -3,6 +3,7 @@ package connect
 import (
 	"context"
 	"errors"
+	"strings"
 	"testing"
 	"time"
 
@@ -79,8 +80,21 @@ func TestConnectErrors(t *testing.T) {
 	if d := time.Since(start); d > 5*time.Second {
 		t.Errorf("failing took %v", d)
 	}
+	// A relay that is down: a clear error naming it, not a hang.
+	w.relay = &RelayConfig{Server: "203.0.113.99:3478", Username: "peer", Password: "secret"}
+	c := w.node("c", nodeOpts{typ: mustType(t, "pd-pd-rd")})
+	d := w.node("d", nodeOpts{typ: mustType(t, "hd-pd-rd")})
+	start = time.Now()
+	_, err := pair(t, c, d, Options{})
+	if !errors.Is(err, ErrNoRelay) || !strings.Contains(err.Error(), "203.0.113.99:3478") {
+		t.Errorf("relay down: %v, want ErrNoRelay naming the relay", err)
+	}
+	if d := time.Since(start); d > 8*time.Second {
+		t.Errorf("failing with the relay down took %v", d)
+	}
+
 	// An offline peer: ErrPeerOffline at once.
-	off := w.node("c", nodeOpts{typ: mustType(t, "ei-ei-pp"), noRelay: true})
+	off := w.node("e", nodeOpts{typ: mustType(t, "ei-ei-pp"), noRelay: true})
 	offID := off.NodeID()
 	off.Close()
 	off.sig.Close() // the node does not own its signaling client

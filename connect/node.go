@@ -35,6 +35,10 @@ type RelayConfig struct {
 	// Username and Password are long-term credentials; empty means short-lived TURN REST
 	// credentials from the rendezvous server.
 	Username, Password string
+	// TLSServer is the relay's TLS endpoint (usually port 443), used instead of Server
+	// when this node's UDP is blocked: TLS on 443 gets through most firewalls. Empty
+	// means Server over TCP.
+	TLSServer string
 	// TLSConfig is used for TLS; nil verifies the server against the system roots.
 	TLSConfig *tls.Config
 }
@@ -52,6 +56,9 @@ type Config struct {
 	Relay *RelayConfig
 	// Net opens every UDP socket; nil means the host's network.
 	Net nettype.PacketListener
+	// DialContext opens TCP connections (the relay over TCP or TLS); nil means the
+	// host's network.
+	DialContext func(ctx context.Context, network, address string) (net.Conn, error)
 	// Bind is the main socket's local address; empty means any address, port 0.
 	Bind string
 	// LocalIPs lists the addresses offered as host candidates; nil means the host's
@@ -227,15 +234,23 @@ func (n *Node) ensureRelay(ctx context.Context) (*relay.Conn, error) {
 		}
 		user, pass = cred.Username, cred.Password
 	}
-	transport := rc.Transport
-	if n.profile.UDPBlocked && (transport == "" || transport == relay.UDP) {
-		transport = relay.TCP
+	server, transport := rc.Server, rc.Transport
+	if n.profile.UDPBlocked {
+		switch {
+		case rc.TLSServer != "":
+			server, transport = rc.TLSServer, relay.TLS
+		case transport == "" || transport == relay.UDP:
+			transport = relay.TCP
+		}
 	}
-	actx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	// A relay that does not answer must not hold up connecting for long: direct paths
+	// may still work, and the error says which relay failed.
+	actx, cancel := context.WithTimeout(ctx, 3*time.Second)
 	defer cancel()
-	c, err := relay.Dial(actx, relay.ClientConfig{Server: rc.Server, Transport: transport, Username: user, Password: pass, TLSConfig: rc.TLSConfig, Listener: n.net, Logger: n.cfg.Logger})
+	c, err := relay.Dial(actx, relay.ClientConfig{Server: server, Transport: transport, Username: user, Password: pass, TLSConfig: rc.TLSConfig,
+		Listener: n.net, DialContext: n.cfg.DialContext, Logger: n.cfg.Logger})
 	if err != nil {
-		n.relayErr = fmt.Errorf("%w: relay %s is unreachable or refused us: %w", ErrNoRelay, rc.Server, err)
+		n.relayErr = fmt.Errorf("%w: relay %s (%s) is unreachable or refused us: %w", ErrNoRelay, server, cmpTransport(transport), err)
 		return nil, n.relayErr
 	}
 	n.relay, n.relayErr = c, nil
@@ -472,4 +487,11 @@ func skipInterface(name string) bool {
 		}
 	}
 	return false
+}
+
+func cmpTransport(t relay.Transport) relay.Transport {
+	if t == "" {
+		return relay.UDP
+	}
+	return t
 }

@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net"
 	"sync"
+	"time"
 
 	"github.com/pion/logging"
 	"github.com/pion/turn/v4"
@@ -32,6 +33,15 @@ type ClientConfig struct {
 	TLSConfig *tls.Config
 	// Listener opens the client's UDP socket; nil means the host's network.
 	Listener nettype.PacketListener
+	// DialContext opens the TCP connection for TCP and TLS; nil means the host's
+	// network. A kernel-lab host's DialContext reaches a relay inside the lab.
+	DialContext func(ctx context.Context, network, address string) (net.Conn, error)
+	// KeepAlive is how often the client sends a Binding request to the server when
+	// nothing else would, so that NATs on the way keep the client's mapping: when it
+	// expires, the NAT picks a new port and the server no longer knows the client.
+	// Zero means 15 s (NATs commonly drop idle UDP mappings after 30 s); negative turns
+	// keepalives off.
+	KeepAlive time.Duration
 	// Logger receives the TURN client's log; nil means quiet.
 	Logger *slog.Logger
 }
@@ -47,6 +57,8 @@ type Conn struct {
 	client *turn.Client
 	base   io.Closer
 	once   sync.Once
+	stop   chan struct{}
+	wg     sync.WaitGroup
 }
 
 // Dial connects to the TURN server in cfg and allocates a relayed address.
@@ -63,8 +75,11 @@ func Dial(ctx context.Context, cfg ClientConfig) (*Conn, error) {
 		}
 		pc, base = c, c
 	case TCP, TLS:
-		var d net.Dialer
-		c, err := d.DialContext(ctx, "tcp", cfg.Server)
+		dial := cfg.DialContext
+		if dial == nil {
+			dial = (&net.Dialer{}).DialContext
+		}
+		c, err := dial(ctx, "tcp", cfg.Server)
 		if err != nil {
 			return nil, fmt.Errorf("relay: dial %s: %w", cfg.Server, err)
 		}
@@ -114,7 +129,28 @@ func Dial(ctx context.Context, cfg ClientConfig) (*Conn, error) {
 		}
 		return nil, fmt.Errorf("%w: %s via %s: %w", ErrAllocate, cfg.Server, cmpTransport(cfg.Transport), err)
 	}
-	return &Conn{PacketConn: relayed, client: client, base: base}, nil
+	c := &Conn{PacketConn: relayed, client: client, base: base, stop: make(chan struct{})}
+	if ka := cfg.KeepAlive; ka >= 0 {
+		if ka == 0 {
+			ka = 15 * time.Second
+		}
+		c.wg.Go(func() { c.keepAlive(ka) })
+	}
+	return c, nil
+}
+
+// keepAlive sends a Binding request every interval until Close.
+func (c *Conn) keepAlive(interval time.Duration) {
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	for {
+		select {
+		case <-c.stop:
+			return
+		case <-t.C:
+			c.client.SendBindingRequest() // a lost one is made up by the next
+		}
+	}
 }
 
 func cmpTransport(t Transport) Transport {
@@ -131,9 +167,11 @@ func (c *Conn) RelayedAddr() net.Addr { return c.PacketConn.LocalAddr() }
 // Close deletes the allocation and closes the connection to the server.
 func (c *Conn) Close() error {
 	c.once.Do(func() {
+		close(c.stop)
 		c.PacketConn.Close()
 		c.client.Close()
 		c.base.Close()
+		c.wg.Wait()
 	})
 	return nil
 }

@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"net/http"
 	"net/url"
 	"sync"
@@ -46,6 +47,9 @@ type Options struct {
 	Logger *slog.Logger
 	// Clock is the time source; nil means the real clock.
 	Clock clock.Clock
+	// DialContext opens the TCP connection to the server; nil means the host's network.
+	// A kernel-lab host's DialContext reaches servers inside the lab.
+	DialContext func(ctx context.Context, network, address string) (net.Conn, error)
 }
 
 // ClientStats are a client's counters.
@@ -103,8 +107,8 @@ func Dial(ctx context.Context, rawURL string, id *identity.Identity, opts *Optio
 		return nil, fmt.Errorf("signal: URL %q: scheme must be ws, wss, http or https", rawURL)
 	}
 	dopts := &websocket.DialOptions{Subprotocols: []string{Subprotocol}}
-	if o.TLSConfig != nil {
-		dopts.HTTPClient = &http.Client{Transport: &http.Transport{TLSClientConfig: o.TLSConfig}}
+	if o.TLSConfig != nil || o.DialContext != nil {
+		dopts.HTTPClient = &http.Client{Transport: &http.Transport{TLSClientConfig: o.TLSConfig, DialContext: o.DialContext}}
 	}
 	ws, _, err := websocket.Dial(ctx, u.String(), dopts)
 	if err != nil {
