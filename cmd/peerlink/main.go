@@ -25,6 +25,8 @@ var errUsage = errors.New("usage")
 
 func commands() map[string]command {
 	return map[string]command{
+		"agent":      {"run a node that accepts connections and echoes datagrams (the other end of connect)", runAgent},
+		"connect":    {"connect to a node and report how: method, technique, time to first byte", runConnect},
 		"id":         {"print this node's NodeID (creating its identity on first use)", runID},
 		"lab":        {"build, test and tear down the kernel NAT lab (root)", runLab},
 		"netcheck":   {"profile the local NAT: mapping, filtering, allocation, public address", runNetcheck},

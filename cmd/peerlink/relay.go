@@ -183,11 +183,16 @@ Flags:
 		return fmt.Errorf("%w: %v", errUsage, err)
 	}
 	if err := srv.Start(); err != nil {
+		var ce *relay.ConfigError
+		if errors.As(err, &ce) {
+			return fmt.Errorf("%w: %v", errUsage, err)
+		}
 		return err
 	}
 	defer srv.Close()
-	for t, aps := range srv.Addrs() {
-		for _, ap := range aps {
+	addrs := srv.Addrs()
+	for _, t := range []relay.Transport{relay.UDP, relay.TCP, relay.TLS} {
+		for _, ap := range addrs[t] {
 			fmt.Fprintf(stdout, "relay listening on %s %s\n", t, ap)
 		}
 	}
