@@ -98,6 +98,17 @@ func TestConnectErrors(t *testing.T) {
 	offID := off.NodeID()
 	off.Close()
 	off.sig.Close() // the node does not own its signaling client
+	// Wait for the server to notice, as a peer would see it some time after it left.
+	for deadline := time.Now().Add(5 * time.Second); ; {
+		p, err := a.sig.Lookup(context.Background(), offID)
+		if err == nil && !p.Online {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the server still lists the closed node online (%v)", err)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
 	start = time.Now()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()

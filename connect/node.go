@@ -91,9 +91,10 @@ type Node struct {
 	srflx   netip.AddrPort
 	hosts   []netip.AddrPort
 
-	relayMu  sync.Mutex
-	relay    *relay.Conn
-	relayErr error
+	relayMu     sync.Mutex
+	relay       *relay.Conn
+	relayErr    error
+	relayFailed time.Time // when the last allocation failed
 
 	mu       sync.Mutex
 	conns    map[uint64]*Conn
@@ -166,6 +167,9 @@ func Start(ctx context.Context, cfg Config) (*Node, error) {
 		cancel()
 		if err != nil {
 			n.log.Debug("connect: no reflexive address for the main socket", "err", err)
+		} else {
+			// Peers reach the main socket: its mapping is the public address that counts.
+			n.profile.PublicIP, n.profile.PublicPort = n.srflx.Addr(), n.srflx.Port()
 		}
 	}
 	if ips, err := localIPs(); err == nil {
@@ -174,7 +178,10 @@ func Start(ctx context.Context, cfg Config) (*Node, error) {
 		}
 	}
 	if cfg.Relay != nil {
-		n.ensureRelay(ctx) // relay-first: an allocation is ready before anyone connects
+		// Relay-first: allocate now, in the background, so that an allocation is
+		// usually ready before anyone connects, and a relay that is down does not
+		// hold up the start. Connect waits for this attempt if it is still going.
+		n.wg.Go(func() { n.ensureRelay(n.ctx) })
 	}
 	if err := n.sig.Publish(ctx, n.info()); err != nil {
 		return fail(fmt.Errorf("connect: publishing: %w", err))
@@ -213,6 +220,9 @@ func (n *Node) info() signal.ConnectionInfo {
 	return signal.NewConnectionInfo(p, n.main.LocalAddr(), cands)
 }
 
+// relayRetry is how long a failed relay allocation is remembered before trying again.
+const relayRetry = 10 * time.Second
+
 // ensureRelay allocates on the relay once; later calls return the allocation or the
 // error of the last try (retrying after it).
 func (n *Node) ensureRelay(ctx context.Context) (*relay.Conn, error) {
@@ -225,11 +235,14 @@ func (n *Node) ensureRelay(ctx context.Context) (*relay.Conn, error) {
 	if rc == nil {
 		return nil, fmt.Errorf("%w: no relay configured", ErrNoRelay)
 	}
+	if n.relayErr != nil && n.clock.Now().Sub(n.relayFailed) < relayRetry {
+		return nil, n.relayErr // failed moments ago: do not make every connection wait again
+	}
 	user, pass := rc.Username, rc.Password
 	if user == "" {
 		cred, err := n.sig.TURNCredentials(ctx)
 		if err != nil {
-			n.relayErr = fmt.Errorf("%w: TURN credentials: %w", ErrNoRelay, err)
+			n.relayErr, n.relayFailed = fmt.Errorf("%w: TURN credentials: %w", ErrNoRelay, err), n.clock.Now()
 			return nil, n.relayErr
 		}
 		user, pass = cred.Username, cred.Password
@@ -250,7 +263,7 @@ func (n *Node) ensureRelay(ctx context.Context) (*relay.Conn, error) {
 	c, err := relay.Dial(actx, relay.ClientConfig{Server: server, Transport: transport, Username: user, Password: pass, TLSConfig: rc.TLSConfig,
 		Listener: n.net, DialContext: n.cfg.DialContext, Logger: n.cfg.Logger})
 	if err != nil {
-		n.relayErr = fmt.Errorf("%w: relay %s (%s) is unreachable or refused us: %w", ErrNoRelay, server, cmpTransport(transport), err)
+		n.relayErr, n.relayFailed = fmt.Errorf("%w: relay %s (%s) is unreachable or refused us: %w", ErrNoRelay, server, cmpTransport(transport), err), n.clock.Now()
 		return nil, n.relayErr
 	}
 	n.relay, n.relayErr = c, nil
