@@ -84,6 +84,10 @@ type Options struct {
 	NoRelay bool
 	// MaxPunchAttempts is how many punching rounds to run; zero means 3.
 	MaxPunchAttempts int
+	// MaxAttempts is how many times the whole procedure (offer to path) runs before
+	// Connect gives up, each within Timeout; zero means 1. An offline peer or a plan
+	// that cannot work is not retried.
+	MaxAttempts int
 }
 
 func (o Options) timeout() time.Duration {

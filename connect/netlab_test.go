@@ -3,6 +3,7 @@ package connect
 import (
 	"context"
 	"crypto/tls"
+	"errors"
 	"fmt"
 	"net/http"
 	"net/netip"
@@ -176,6 +177,18 @@ func labMatrix(t *testing.T, loss int) {
 			rows = append(rows, r)
 		}
 	}
+	// A peer that is offline: ErrPeerOffline in under a second, through the lab.
+	gone, err := identity.Generate()
+	if err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	if _, err := nodes[kinds[0].String()+"-1"].Connect(context.Background(), gone.NodeID(), Options{}); !errors.Is(err, ErrPeerOffline) {
+		t.Errorf("offline peer: %v, want ErrPeerOffline", err)
+	} else if d := time.Since(start); d > time.Second {
+		t.Errorf("ErrPeerOffline took %v, want under 1s", d)
+	}
+
 	var sb strings.Builder
 	fmt.Fprintf(&sb, "\n%-16s %-16s %-22s %-8s %10s %10s\n", "initiator", "responder", "plan", "method", "first", "direct")
 	var simple []time.Duration

@@ -284,6 +284,19 @@ func (n *Node) relayAddr() netip.AddrPort {
 // first — and keeps upgrading to a direct path in the background unless
 // opts.NoDirect; Conn.Method follows.
 func (n *Node) Connect(ctx context.Context, target identity.NodeID, opts Options) (*Conn, error) {
+	var err error
+	for range max(opts.MaxAttempts, 1) {
+		var c *Conn
+		c, err = n.connectOnce(ctx, target, opts)
+		if err == nil || errors.Is(err, ErrPeerOffline) || errors.Is(err, ErrSymmetricNAT) || errors.Is(err, ErrClosed) || ctx.Err() != nil {
+			return c, err
+		}
+		n.log.Debug("connect: attempt failed, retrying", "peer", target.Short(), "err", err)
+	}
+	return nil, err
+}
+
+func (n *Node) connectOnce(ctx context.Context, target identity.NodeID, opts Options) (*Conn, error) {
 	ctx, cancel := context.WithTimeout(ctx, opts.timeout())
 	defer cancel()
 	session := newSession()
