@@ -129,7 +129,9 @@ func Start(ctx context.Context, cfg Config) (*Node, error) {
 	if localIPs == nil {
 		localIPs = hostIPs
 	}
-	n.det = detect.New(detect.Config{Observers: cfg.STUN, Net: n.net, LocalIPs: localIPs, Clock: cfg.Clock, Logger: cfg.Logger})
+	// The detector recognises "no NAT" from every local address, loopback included;
+	// candidates leave some out, so it gets its own list unless one was given.
+	n.det = detect.New(detect.Config{Observers: cfg.STUN, Net: n.net, LocalIPs: cfg.LocalIPs, Clock: cfg.Clock, Logger: cfg.Logger})
 	stunSrv, err := netip.ParseAddrPort(cfg.STUN[0])
 	if err != nil {
 		return nil, fmt.Errorf("connect: STUN observer %q must be ip:port: %w", cfg.STUN[0], err)
