@@ -74,13 +74,16 @@ type Attempt struct {
 
 	ctx       context.Context // ends on Close
 	cancel    context.CancelCauseFunc
-	nominated chan nomination
+	nominated chan struct{}   // a nomination was accepted
 	tried     map[uint16]bool // birthday ports probed; only the probe goroutine uses it
 
 	mu        sync.Mutex
 	closed    bool
 	ran       bool
-	finished  bool // Run has returned, or is returning a Result
+	finished  bool        // Run has returned, or is returning
+	accepted  *nomination // the responder's path, once the initiator nominated it
+	deadline  time.Time   // the end of Run's last attempt
+	linger    time.Time   // until when a closed responder still answers its nomination
 	cur       *round
 	learned   []pairKey // peer addresses heard, to check in later rounds
 	known     map[pairKey]bool
@@ -126,7 +129,7 @@ func (e *Engine) Prepare(ctx context.Context, s Setup) (*Attempt, Prediction, er
 		local:     s.Local,
 		remote:    s.Remote,
 		main:      s.Main,
-		nominated: make(chan nomination, 1),
+		nominated: make(chan struct{}, 1),
 		tried:     map[uint16]bool{},
 		known:     map[pairKey]bool{},
 		validated: map[pairKey]validation{},
@@ -217,13 +220,34 @@ func (a *Attempt) handle(m *mux.Mux, dm *pion.Message, from netip.AddrPort) {
 		return
 	}
 	from = unmap(from)
+	k := pairKey{m, from}
 	a.mu.Lock()
 	if a.closed {
+		// A responder closed right after Run still confirms its path: the
+		// initiator finishes only on that answer, and the first may have been lost.
+		ok := c.nominate && a.accepted != nil && a.accepted.pair == k && a.cfg.Clock.Now().Before(a.linger)
 		a.mu.Unlock()
+		if ok {
+			m.WriteTo(buildResponse(c.id, from, a.key), from)
+		}
 		return
 	}
 	a.stats.heard++
 	r, finished := a.cur, a.finished
+	accepted := false
+	if c.nominate && a.self == nat.SideB {
+		// The answer to a nomination is what ends the initiator's Run, so answer
+		// only the nomination this side takes: the first, while Run is not over.
+		if a.accepted == nil && !finished {
+			a.accepted = &nomination{pair: k, seen: c.seen}
+			accepted = true
+		}
+		if a.accepted == nil || a.accepted.pair != k {
+			a.mu.Unlock()
+			a.e.debug("punch: refused nomination", "session", a.session, "from", from)
+			return
+		}
+	}
 	a.mu.Unlock()
 
 	resp := buildResponse(c.id, from, a.key)
@@ -231,14 +255,14 @@ func (a *Attempt) handle(m *mux.Mux, dm *pion.Message, from netip.AddrPort) {
 	for i := 1; i < a.cfg.Acks; i++ {
 		a.after(time.Duration(i)*a.cfg.AckSpacing, func() { m.WriteTo(resp, from) })
 	}
-	k := pairKey{m, from}
 	switch {
-	case finished:
-	case c.nominate && a.self == nat.SideB:
+	case accepted:
+		a.e.debug("punch: nominated", "session", a.session, "local", m.LocalAddr(), "remote", from)
 		select {
-		case a.nominated <- nomination{pair: k, seen: c.seen}:
-		default: // one is waiting already
+		case a.nominated <- struct{}{}:
+		default:
 		}
+	case c.nominate || finished:
 	case r != nil:
 		r.hit()
 		a.trigger(r, k)
@@ -334,7 +358,10 @@ func (r *round) spawn(f func()) {
 	}()
 }
 
-var errRoundOver = errors.New("punch: attempt over")
+var (
+	errRoundOver = errors.New("punch: attempt over")
+	errNoAnswer  = errors.New("no answer in time")
+)
 
 func (a *Attempt) startRound(ctx context.Context, timeout time.Duration) *round {
 	rctx, cancel := context.WithCancelCause(ctx)
@@ -352,7 +379,8 @@ func (a *Attempt) startRound(ctx context.Context, timeout time.Duration) *round 
 }
 
 // endRound stops the round's checks and probes and waits for them.
-func (a *Attempt) endRound(r *round) {
+func (a *Attempt) endRound(r *round, why string) {
+	a.e.debug("punch: attempt over", "session", a.session, "side", a.self, "why", why)
 	a.mu.Lock()
 	if a.cur == r {
 		a.cur = nil
@@ -468,11 +496,6 @@ func (a *Attempt) Run(ctx context.Context, p Params) (Result, error) {
 	a.wg.Add(1)
 	a.mu.Unlock()
 	defer a.wg.Done()
-	defer func() {
-		a.mu.Lock()
-		a.finished = true
-		a.mu.Unlock()
-	}()
 
 	ctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
@@ -489,20 +512,23 @@ func (a *Attempt) Run(ctx context.Context, p Params) (Result, error) {
 	if from.Before(called) {
 		from = called
 	}
+	a.mu.Lock()
+	a.deadline = start.Add(time.Duration(attempts) * timeout)
+	a.mu.Unlock()
 	for k := range attempts {
 		if !sleep(ctx, clk, start.Add(time.Duration(k)*timeout).Sub(clk.Now())) {
-			return Result{}, a.fail(k, context.Cause(ctx))
+			return a.end(k, from, context.Cause(ctx))
 		}
 		select {
-		case nm := <-a.nominated:
-			return a.nominee(nm, k+1, from), nil
+		case <-a.nominated:
+			return a.end(k, from, nil)
 		default:
 		}
 		r := a.startRound(ctx, timeout)
 		a.launch(r, pl)
 		select {
 		case v := <-r.valid:
-			a.endRound(r)
+			a.endRound(r, "validated")
 			// Only one path is ever nominated: the responder takes the first
 			// nomination it hears, even if its answers are lost. So a nomination
 			// is repeated until the last attempt's end, at least one Timeout.
@@ -513,26 +539,47 @@ func (a *Attempt) Run(ctx context.Context, p Params) (Result, error) {
 				return a.succeed(res), nil
 			}
 			if ctx.Err() != nil {
-				return Result{}, a.fail(k+1, context.Cause(ctx))
+				return a.end(k+1, from, context.Cause(ctx))
 			}
-			return Result{}, a.fail(k+1, fmt.Errorf("%w: %w", ErrUnconfirmed, err))
-		case nm := <-a.nominated:
-			a.endRound(r)
-			return a.nominee(nm, k+1, from), nil
+			return a.end(k+1, from, fmt.Errorf("%w: %w", ErrUnconfirmed, err))
+		case <-a.nominated:
+			a.endRound(r, "nominated")
+			return a.end(k+1, from, nil)
 		case <-r.ctx.Done():
-			a.endRound(r)
+			a.endRound(r, "over")
 			if ctx.Err() != nil {
-				return Result{}, a.fail(k+1, context.Cause(ctx))
+				return a.end(k+1, from, context.Cause(ctx))
 			}
 		}
 	}
-	cause := ErrTimeout
+	return a.end(attempts, from, ErrTimeout)
+}
+
+// end finishes a Run that did not validate and nominate a path itself: unless it was
+// cancelled, with the responder's accepted nomination if there is one (it may have come
+// at any moment), and otherwise with a *FailError for cause.
+func (a *Attempt) end(attempts int, from time.Time, cause error) (Result, error) {
 	a.mu.Lock()
-	if a.self == nat.SideB && a.stats.answered > 0 {
+	a.finished = true
+	nm := a.accepted
+	if cause != nil && cause != ErrTimeout {
+		nm = nil
+	}
+	if cause == ErrTimeout && a.self == nat.SideB && a.stats.answered > 0 {
 		cause = ErrNotNominated
 	}
+	if nm != nil {
+		// The initiator repeats its nomination until its last attempt ends.
+		a.linger = a.deadline
+		if least := a.cfg.Clock.Now().Add(a.cfg.Timeout); a.linger.Before(least) {
+			a.linger = least
+		}
+	}
 	a.mu.Unlock()
-	return Result{}, a.fail(attempts, cause)
+	if nm == nil {
+		return Result{}, a.fail(attempts, cause)
+	}
+	return a.nominee(*nm, max(attempts, 1), from), nil
 }
 
 // launch starts a round's checks, paced, and its probes.
@@ -609,6 +656,7 @@ func (a *Attempt) runCheck(ctx context.Context, r *round, k pairKey, delay, rto 
 			continue // not from the peer: keep checking
 		}
 		v := validation{pair: k, source: unmap(src), reflexive: mapped, rtt: a.cfg.Clock.Now().Sub(sent)}
+		a.e.debug("punch: validated", "session", a.session, "side", a.self, "local", k.local.LocalAddr(), "remote", k.remote, "round over", r.ctx.Err() != nil)
 		a.mu.Lock()
 		a.stats.answered++
 		if _, ok := a.validated[k]; !ok {
@@ -682,7 +730,7 @@ func (a *Attempt) randomPort() uint16 {
 
 // nominate tells the peer which path both will use, and waits for its answer.
 func (a *Attempt) nominate(ctx context.Context, v validation, timeout time.Duration) (Result, error) {
-	nctx, cancel := withTimeout(ctx, a.cfg.Clock, timeout, ErrTimeout)
+	nctx, cancel := withTimeout(ctx, a.cfg.Clock, timeout, errNoAnswer)
 	defer cancel()
 	for {
 		id := stun.NewTransactionID()
@@ -774,7 +822,10 @@ func (a *Attempt) fail(attempts int, cause error) error {
 
 // Close stops Run, stops answering the peer and closes the sockets the attempt opened,
 // except one handed to the caller in a Result. It never closes the main socket. It is
-// idempotent and waits for the attempt's goroutines.
+// idempotent and waits for the attempt's goroutines. A responder that has found its path
+// keeps confirming it to the initiator's repeated nominations (which need no goroutine)
+// until the initiator's last attempt would have ended, so closing right after Run is
+// safe.
 func (a *Attempt) Close() error {
 	a.mu.Lock()
 	if a.closed {
@@ -791,7 +842,9 @@ func (a *Attempt) Close() error {
 	clear(a.timers)
 	a.mu.Unlock()
 	a.cancel(ErrClosed)
-	a.e.unregister(a)
+	if !a.lingering() {
+		a.e.unregister(a)
+	}
 	a.wg.Wait()
 	a.mu.Lock()
 	spare := a.spare()
@@ -800,6 +853,29 @@ func (a *Attempt) Close() error {
 		m.Close()
 	}
 	return nil
+}
+
+// lingering reports whether the attempt, closed or not, still answers its nomination;
+// the engine keeps a lingering attempt's session until then, and needs no timer for it.
+func (a *Attempt) lingering() bool {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.cfg.Clock.Now().Before(a.linger)
+}
+
+// closedNow reports whether Close has been called.
+func (a *Attempt) closedNow() bool {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.closed
+}
+
+// expired reports whether the attempt is closed and done lingering.
+func (a *Attempt) expired() bool {
+	a.mu.Lock()
+	closed := a.closed
+	a.mu.Unlock()
+	return closed && !a.lingering()
 }
 
 // watchConn tells when the first packet to a destination has been sent.

@@ -8,8 +8,21 @@
 // with the session key (MESSAGE-INTEGRITY) that every receiver answers with a few
 // responses and, as an ICE triggered check, answers back with a check of its own. A check
 // that gets a response validates its path. The initiator (nat.SideA) nominates the first
-// path it validates; both sides finish on that one path.
+// path it validates and finishes when the responder confirms it; the responder finishes
+// on the nomination. So both end on one path, even when one side has hundreds of sockets.
 //
+// What each side sends follows from the step, its side and both profiles, so the two
+// sides agree without negotiating: Direct, Reversal, SimplePunch and Local check between
+// the main sockets' candidates; the predicted side of PredictPreservation or
+// PredictContiguity checks from a fresh socket toward the peer, which checks the
+// predicted ports; in the interleaved techniques both fresh sockets check the other's
+// predictions in order; in Birthday the hard side's sockets open their NAT toward the
+// easy side, which probes random ports of the hard side's IP. When both NATs map
+// endpoint-independently, every technique reduces to simple hole punching between the
+// main sockets, which then always works.
+//
+// The default timing suits real networks (checks retransmitted from 50 ms, one new packet
+// per 5 ms, birthday probes every 3 ms); Config can speed it up for an emulator.
 // Signaling is not this package's business: the caller moves Prediction values, candidates
 // and the start time between the peers.
 package punch
@@ -306,7 +319,7 @@ func (e *Engine) Handle(m *mux.Mux, msg []byte, from netip.AddrPort) bool {
 	return true
 }
 
-// Close closes every open attempt. It is idempotent.
+// Close closes every attempt, ending their lingering too. It is idempotent.
 func (e *Engine) Close() error {
 	e.mu.Lock()
 	e.closed = true
@@ -314,8 +327,12 @@ func (e *Engine) Close() error {
 	for _, a := range e.sessions {
 		open = append(open, a)
 	}
+	clear(e.sessions)
 	e.mu.Unlock()
 	for _, a := range open {
+		a.mu.Lock()
+		a.linger = time.Time{}
+		a.mu.Unlock()
 		a.Close()
 	}
 	return nil
@@ -327,7 +344,12 @@ func (e *Engine) register(a *Attempt) error {
 	if e.closed {
 		return ErrClosed
 	}
-	if e.sessions[a.session] != nil {
+	for s, old := range e.sessions {
+		if old.expired() {
+			delete(e.sessions, s)
+		}
+	}
+	if old := e.sessions[a.session]; old != nil && !old.closedNow() {
 		return fmt.Errorf("%w: session %q already has an attempt", ErrBadParams, a.session)
 	}
 	e.sessions[a.session] = a

@@ -4,11 +4,14 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"net/netip"
 	"slices"
 	"sync"
 	"testing"
 	"time"
+
+	pion "github.com/pion/stun/v3"
 
 	"peerlink/clock"
 	"peerlink/detect"
@@ -506,5 +509,91 @@ func TestFakeClock(t *testing.T) {
 		}
 		clk.Advance(50 * time.Millisecond)
 		time.Sleep(100 * time.Microsecond)
+	}
+}
+
+// nominationBlocker drops a socket's answers to nominations until released: the
+// responder's confirmations are lost while its attempt is open.
+type nominationBlocker struct {
+	net.PacketConn
+	mu       sync.Mutex
+	ids      map[[12]byte]bool
+	released bool
+	dropped  int
+}
+
+func (c *nominationBlocker) ReadFrom(b []byte) (int, net.Addr, error) {
+	n, from, err := c.PacketConn.ReadFrom(b)
+	if err == nil {
+		var m pion.Message
+		m.Raw = append([]byte(nil), b[:n]...)
+		if m.Decode() == nil && m.Type == pion.BindingRequest && m.Contains(pion.AttrUseCandidate) {
+			c.mu.Lock()
+			c.ids[m.TransactionID] = true
+			c.mu.Unlock()
+		}
+	}
+	return n, from, err
+}
+
+func (c *nominationBlocker) WriteTo(b []byte, addr net.Addr) (int, error) {
+	if len(b) >= 20 {
+		var id [12]byte
+		copy(id[:], b[8:20])
+		c.mu.Lock()
+		drop := !c.released && c.ids[id]
+		if drop {
+			c.dropped++
+		}
+		c.mu.Unlock()
+		if drop {
+			return len(b), nil
+		}
+	}
+	return c.PacketConn.WriteTo(b, addr)
+}
+
+// TestResponderClosesAtOnce: a responder that closes its attempt as soon as Run returns
+// still confirms the nominated path when the initiator repeats its nomination, because
+// every confirmation sent before the close was lost.
+func TestResponderClosesAtOnce(t *testing.T) {
+	blocker := &nominationBlocker{ids: map[[12]byte]bool{}}
+	ob := peerOpts{cfg: fast, wrap: func(c net.PacketConn) net.PacketConn { blocker.PacketConn = c; return blocker }}
+	_, a, b := pairWorld(t, 1, "pd-hd-rd", "ei-pd-pp", peerOpts{cfg: fast}, ob)
+	step := nat.Strategy(a.profile, b.profile).Primary()
+	session, key := newSession()
+	ctx := context.Background()
+	atA, _, err := a.eng.Prepare(ctx, punch.Setup{Session: session, Key: key, Step: step, Self: nat.SideA, Local: a.profile, Remote: b.profile, Main: a.main})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer atA.Close()
+	atB, _, err := b.eng.Prepare(ctx, punch.Setup{Session: session, Key: key, Step: step, Self: nat.SideB, Local: b.profile, Remote: a.profile, Main: b.main})
+	if err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	resA := make(chan error, 1)
+	go func() {
+		_, err := atA.Run(ctx, punch.Params{RemoteHost: []netip.AddrPort{b.hostAP}, RemoteReflexive: []netip.AddrPort{b.refl}, Start: start})
+		resA <- err
+	}()
+	rb, err := atB.Run(ctx, punch.Params{RemoteHost: []netip.AddrPort{a.hostAP}, RemoteReflexive: []netip.AddrPort{a.refl}, Start: start})
+	atB.Close()
+	blocker.mu.Lock()
+	blocker.released = true
+	dropped := blocker.dropped
+	blocker.mu.Unlock()
+	if err != nil {
+		t.Fatalf("responder: %v", err)
+	}
+	if err := <-resA; err != nil {
+		t.Fatalf("initiator, after the responder closed: %v", err)
+	}
+	if dropped == 0 {
+		t.Error("no confirmation was dropped: the test did not test a lost one")
+	}
+	if rb.Local != b.main {
+		t.Errorf("responder's path on %v, want the main socket", rb.Local.LocalAddr())
 	}
 }

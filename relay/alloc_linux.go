@@ -33,7 +33,7 @@ type relaySock struct {
 // allocation is one TURN allocation: a client 5-tuple, its relayed socket, permissions
 // and channels.
 //
-// The data path never locks: it reads routes, an immutable snapshot the control path
+// The data path never takes mu: it reads routes, an immutable snapshot the control path
 // replaces whenever permissions or channels change. mu guards the control state.
 type allocation struct {
 	id        uint64

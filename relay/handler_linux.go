@@ -3,6 +3,7 @@ package relay
 import (
 	"crypto/rand"
 	"encoding/binary"
+	"errors"
 	"net/netip"
 	"time"
 
@@ -138,18 +139,18 @@ func (s *Server) authenticate(rc *reqCtx) (user string, key []byte, errResp []by
 	return string(u), key, nil
 }
 
-// lifetime is the LIFETIME a request asks for, clamped to [DefaultLifetime,
-// MaxLifetime]; zero stays zero (a Refresh that deletes).
-func lifetime(m *stun.Message) (time.Duration, bool) {
+// lifetime is the LIFETIME a request asks for (DefaultLifetime without one), clamped
+// to [DefaultLifetime, MaxLifetime]; zero stays zero (a Refresh that deletes).
+func lifetime(m *stun.Message) time.Duration {
 	v, err := m.Get(stun.AttrLifetime)
 	if err != nil || len(v) != 4 {
-		return DefaultLifetime, false
+		return DefaultLifetime
 	}
 	d := time.Duration(binary.BigEndian.Uint32(v)) * time.Second
 	if d == 0 {
-		return 0, true
+		return 0
 	}
-	return min(max(d, DefaultLifetime), MaxLifetime), true
+	return min(max(d, DefaultLifetime), MaxLifetime)
 }
 
 func (s *Server) allocate(rc *reqCtx) []byte {
@@ -201,7 +202,7 @@ func (s *Server) allocate(rc *reqCtx) []byte {
 			return s.fail(rc, key, stun.CodeAddrFamilyNotSupported, "Address Family not Supported")
 		}
 	}
-	life, _ := lifetime(m)
+	life := lifetime(m)
 	if life == 0 {
 		life = DefaultLifetime
 	}
@@ -212,7 +213,7 @@ func (s *Server) allocate(rc *reqCtx) []byte {
 	rs, resToken, err := s.relaySocket(v6, even, reserve, token, rc.now)
 	if err != nil {
 		s.release(user)
-		if err == errNoIPv6 {
+		if errors.Is(err, errNoIPv6) {
 			return s.fail(rc, key, stun.CodeAddrFamilyNotSupported, "Address Family not Supported")
 		}
 		s.log.Warn("relay socket", "err", err)
@@ -267,18 +268,18 @@ func (s *Server) allocate(rc *reqCtx) []byte {
 	return resp
 }
 
-var errNoIPv6 = errorString("no IPv6 relay address")
-
-type errorString string
-
-func (e errorString) Error() string { return string(e) }
+var (
+	errNoIPv6        = errors.New("no IPv6 relay address")
+	errNoIPv4        = errors.New("no IPv4 relay address")
+	errNoReservation = errors.New("unknown reservation token")
+)
 
 // relaySocket opens (or claims from a reservation) the socket for a new allocation.
 func (s *Server) relaySocket(v6, even, reserve bool, token []byte, now time.Time) (*relaySock, []byte, error) {
 	if token != nil {
 		r, ok := s.claimReservation(binary.BigEndian.Uint64(token), now)
 		if !ok {
-			return nil, nil, errorString("unknown reservation token")
+			return nil, nil, errNoReservation
 		}
 		return &relaySock{fd: r.fd, v6: !r.addr.Addr().Is4(), addr: r.addr, key: keyOf(r.addr)}, nil, nil
 	}
@@ -290,7 +291,7 @@ func (s *Server) relaySocket(v6, even, reserve bool, token []byte, now time.Time
 		if v6 {
 			return nil, nil, errNoIPv6
 		}
-		return nil, nil, errorString("no IPv4 relay address")
+		return nil, nil, errNoIPv4
 	}
 	fd, addr, rfd, raddr, err := s.ports.bindRelay(ip, even, reserve)
 	if err != nil {
@@ -322,7 +323,7 @@ func (s *Server) refresh(rc *reqCtx) []byte {
 			return s.fail(rc, key, stun.CodePeerAddrFamilyMismatch, "Peer Address Family Mismatch")
 		}
 	}
-	life, _ := lifetime(&rc.m)
+	life := lifetime(&rc.m)
 	a.mu.Lock()
 	if a.deleted {
 		a.mu.Unlock()
@@ -347,7 +348,7 @@ func (s *Server) peerFor(rc *reqCtx, a *allocation, key, v []byte) (addrKey, []b
 	if peer.is4() == a.rs.v6 {
 		return peer, s.fail(rc, key, stun.CodePeerAddrFamilyMismatch, "Peer Address Family Mismatch")
 	}
-	if !s.policy.allowed(peer.addrPort().Addr()) {
+	if !s.policy.allowed(peer.addrPort().Addr()) || rc.m.Type.Method == stun.MethodChannelBind && s.isSelf(peer) {
 		return peer, s.fail(rc, key, stun.CodeForbidden, "Forbidden: peer address not allowed")
 	}
 	return peer, nil

@@ -196,7 +196,14 @@ func (l *loop) call(f func()) bool {
 	case <-ran:
 		return true
 	case <-l.done:
-		return false
+		// The loop runs what was queued before it exits, so f may have run after
+		// all; ran says for sure.
+		select {
+		case <-ran:
+			return true
+		default:
+			return false
+		}
 	}
 }
 
@@ -448,6 +455,10 @@ func (l *loop) fromClient(lis *udpListener, b []byte, from addrKey) {
 func (l *loop) toPeer(a *allocation, payload []byte, peer addrKey, sa *sockaddr) {
 	if r, ok := a.admit(len(payload), l.nowNs); !ok {
 		l.drop(r)
+		return
+	}
+	if l.srv.isSelf(peer) {
+		l.drop(DropForbidden)
 		return
 	}
 	if other := l.localRelay(peer); other != nil {

@@ -211,10 +211,11 @@ const (
 	DropTooLarge                       // datagram larger than the relay reads
 	DropSendError                      // the kernel refused the send
 	DropCongested                      // a TCP client's send queue is full
+	DropForbidden                      // addressed to the relay's own listening ports
 	numDropReasons
 )
 
-var dropNames = [numDropReasons]string{"malformed", "no_allocation", "no_channel", "no_permission", "bandwidth", "capacity", "too_large", "send_error", "congested"}
+var dropNames = [numDropReasons]string{"malformed", "no_allocation", "no_channel", "no_permission", "bandwidth", "capacity", "too_large", "send_error", "congested", "forbidden"}
 
 func (r DropReason) String() string {
 	if r < numDropReasons {

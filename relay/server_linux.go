@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/netip"
 	"runtime"
+	"slices"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -36,7 +37,11 @@ type Server struct {
 	// relayKey4 and relayKey6 are the relay IPs in addrKey form (zero when unset), to
 	// tell cheaply whether a peer may be one of this relay's own relayed addresses.
 	relayKey4, relayKey6 [16]byte
-	hooks                *hookQueue
+	// selfPorts and selfIPs are where the relay listens for clients: data to them is
+	// dropped, so no one can loop the relay into itself (RFC 8656 §21.2.3).
+	selfPorts []uint16
+	selfIPs   map[[16]byte]bool
+	hooks     *hookQueue
 
 	disabled      atomic.Bool
 	closing       atomic.Bool
@@ -175,7 +180,18 @@ func (s *Server) Start() (err error) {
 		if ln.addr == "" {
 			continue
 		}
-		l, err := (&net.ListenConfig{}).Listen(ctx, "tcp", ln.addr)
+		addr := ln.addr
+		if ln.t == TCP && addr == s.cfg.ListenUDP && len(s.udpAddrs) > 0 {
+			// Same address for both: with port 0, TCP takes the port UDP got, so the
+			// relay has one port as usual (falling back to any port if it is taken).
+			if host, port, _ := net.SplitHostPort(addr); port == "0" {
+				addr = net.JoinHostPort(host, strconv.Itoa(int(s.udpAddrs[0].Port())))
+			}
+		}
+		l, err := (&net.ListenConfig{}).Listen(ctx, "tcp", addr)
+		if err != nil && addr != ln.addr {
+			l, err = (&net.ListenConfig{}).Listen(ctx, "tcp", ln.addr)
+		}
 		if err != nil {
 			return fmt.Errorf("relay: listen %s: %w", ln.t, err)
 		}
@@ -192,6 +208,7 @@ func (s *Server) Start() (err error) {
 	if s.relayIP6.IsValid() {
 		s.relayKey6 = s.relayIP6.As16()
 	}
+	s.findSelf()
 
 	s.hooks = newHookQueue()
 	for _, l := range s.loops {
@@ -321,6 +338,48 @@ func (s *Server) pickRelayIPs() {
 	if !s.relayIP6.IsValid() {
 		s.relayIP6 = outboundIP("udp6", "[2001:db8::1]:9")
 	}
+}
+
+// findSelf records the relay's own client-facing addresses: its listen addresses, and
+// every address of the host when it listens on all of them.
+func (s *Server) findSelf() {
+	s.selfIPs = make(map[[16]byte]bool)
+	self := append([]netip.AddrPort(nil), s.udpAddrs...)
+	for _, ap := range s.tcpAddrs {
+		self = append(self, unmapAddrPort(ap))
+	}
+	all := false
+	for _, ap := range self {
+		if !slices.Contains(s.selfPorts, ap.Port()) {
+			s.selfPorts = append(s.selfPorts, ap.Port())
+		}
+		s.selfIPs[ap.Addr().As16()] = true
+		all = all || ap.Addr().IsUnspecified()
+	}
+	s.selfIPs[s.relayKey4], s.selfIPs[s.relayKey6] = true, true
+	if !all {
+		return
+	}
+	addrs, err := net.InterfaceAddrs()
+	if err != nil {
+		s.log.Warn("listing interface addresses", "err", err)
+		return
+	}
+	for _, a := range addrs {
+		if p, err := netip.ParsePrefix(a.String()); err == nil {
+			s.selfIPs[p.Addr().Unmap().As16()] = true
+		}
+	}
+}
+
+// isSelf reports whether peer is one of the relay's own client-facing addresses.
+func (s *Server) isSelf(peer addrKey) bool {
+	for _, p := range s.selfPorts {
+		if peer.port == p {
+			return s.selfIPs[peer.ip]
+		}
+	}
+	return false
 }
 
 // outboundIP is the source address the host would use toward dst; connecting a UDP

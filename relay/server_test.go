@@ -89,6 +89,121 @@ func TestRelaysBothWays(t *testing.T) {
 	}
 }
 
+// TestRelayToRelay: two clients relayed by the same relay, each the other's peer. The
+// relay hands their datagrams across without the kernel, and must check and account
+// exactly as if they had gone through it.
+func TestRelayToRelay(t *testing.T) {
+	r := relaytest.Start(t, relay.Config{})
+	a := dialTURN(t, "udp", r.UDP, relaytest.User, relaytest.Password)
+	relayedA := a.allocate()
+	b := dialTURN(t, "udp", r.UDP, relaytest.User, relaytest.Password)
+	relayedB := b.allocate()
+	if code := a.bind(0x4000, relayedB); code != 0 {
+		t.Fatal(code)
+	}
+	// B has no permission for A yet: nothing gets through.
+	a.sendChannel(0x4000, []byte("not yet"))
+	if _, ok := b.next(300 * time.Millisecond); ok {
+		t.Fatal("relayed to an allocation without a permission for the sender")
+	}
+	waitFor(t, func() bool { return r.Stats().Dropped(relay.DropNoPermission) == 1 })
+	if code := b.permit(relayedA); code != 0 {
+		t.Fatal(code)
+	}
+	a.sendChannel(0x4000, []byte("data indication"))
+	msg, ok := b.next(waitData)
+	if !ok {
+		t.Fatal("nothing relayed")
+	}
+	if ch, from, payload := decodeData(t, msg); ch != 0 || from != relayedA || string(payload) != "data indication" {
+		t.Fatalf("B got channel %#x from %v: %q", ch, from, payload)
+	}
+	if code := b.bind(0x4123, relayedA); code != 0 {
+		t.Fatal(code)
+	}
+	a.sendIndication(relayedB, []byte("over B's channel"))
+	msg, ok = b.next(waitData)
+	if !ok {
+		t.Fatal("nothing relayed")
+	}
+	if ch, _, payload := decodeData(t, msg); ch != 0x4123 || string(payload) != "over B's channel" {
+		t.Fatalf("B got channel %#x: %q", ch, payload)
+	}
+	b.sendChannel(0x4123, []byte("and back"))
+	msg, ok = a.next(waitData)
+	if !ok {
+		t.Fatal("nothing relayed back")
+	}
+	if ch, _, payload := decodeData(t, msg); ch != 0x4000 || string(payload) != "and back" {
+		t.Fatalf("A got channel %#x: %q", ch, payload)
+	}
+	waitFor(t, func() bool {
+		st := r.Stats()
+		// Four datagrams left clients; three reached one.
+		return st.PacketsToPeers == 4 && st.PacketsToClients == 3
+	})
+}
+
+// TestLoops runs the relay with several event loops: clients spread over them by
+// SO_REUSEPORT, and data between allocations on different loops goes through the
+// kernel.
+func TestLoops(t *testing.T) {
+	r := relaytest.Start(t, relay.Config{Loops: 3})
+	const n = 12
+	clients := make([]*turnClient, n)
+	relayed := make([]netip.AddrPort, n)
+	for i := range clients {
+		network := "udp"
+		if i%4 == 3 {
+			network = "tcp"
+		}
+		server := r.UDP
+		if network == "tcp" {
+			server = r.TCP
+		}
+		clients[i] = dialTURN(t, network, server, relaytest.User, relaytest.Password)
+		relayed[i] = clients[i].allocate()
+	}
+	for i, c := range clients {
+		if code := c.bind(0x4000, relayed[(i+1)%n]); code != 0 {
+			t.Fatal(code)
+		}
+		if code := c.permit(relayed[(i+n-1)%n]); code != 0 {
+			t.Fatal(code)
+		}
+	}
+	for i, c := range clients {
+		c.sendChannel(0x4000, []byte(fmt.Sprint("from ", i)))
+	}
+	for i, c := range clients {
+		msg, ok := c.next(waitData)
+		if !ok {
+			t.Fatalf("client %d got nothing", i)
+		}
+		if _, from, payload := decodeData(t, msg); from != relayed[(i+n-1)%n] || string(payload) != fmt.Sprint("from ", (i+n-1)%n) {
+			t.Fatalf("client %d got %q from %v", i, payload, from)
+		}
+	}
+}
+
+// TestNoLoopIntoRelay: a client may not aim its relayed address at the relay's own
+// listening address (it would make the relay talk to itself).
+func TestNoLoopIntoRelay(t *testing.T) {
+	r, c, _, _ := relayPair(t, relay.Config{})
+	if code := c.bind(0x4000, r.UDP); code != 403 {
+		t.Fatalf("ChannelBind to the relay's own address: %d, want 403", code)
+	}
+	if code := c.permit(r.UDP); code != 0 {
+		t.Fatal(code) // permissions are per IP, and loopback is allowed here
+	}
+	binding := c.build(stun.MethodBinding, false)
+	c.sendIndication(r.UDP, binding.Raw)
+	if msg, ok := c.next(500 * time.Millisecond); ok {
+		t.Fatalf("the relay answered itself: %x", msg)
+	}
+	waitFor(t, func() bool { return r.Stats().Dropped(relay.DropForbidden) == 1 })
+}
+
 func TestNoPermissionNoRelay(t *testing.T) {
 	r, c, relayed, p := relayPair(t, relay.Config{})
 	if code := c.permit(p.addr); code != 0 {
@@ -473,50 +588,71 @@ func TestSessionLimits(t *testing.T) {
 	})
 }
 
-func TestBandwidthLimit(t *testing.T) {
+func TestBandwidthLimits(t *testing.T) {
 	const limit = 200_000 // bytes per second
-	_, c, relayed, p := relayPair(t, relay.Config{BandwidthLimit: limit})
-	if code := c.bind(0x4000, p.addr); code != 0 {
-		t.Fatal(code)
+	tests := []struct {
+		name     string
+		cfg      relay.Config
+		sessions int
+		drop     relay.DropReason
+	}{
+		{"per session", relay.Config{BandwidthLimit: limit}, 1, relay.DropBandwidth},
+		{"total capacity", relay.Config{TotalCapacity: limit}, 2, relay.DropCapacity},
 	}
-	// Offer twice the limit for 3 s, paced, and measure what reaches the peer after
-	// the first half second (the bucket starts full).
-	payload := make([]byte, 1000)
-	received := make(chan time.Time, 10000)
-	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for {
-			if _, _, ok := p.recv(time.Second); !ok {
-				close(received)
-				return
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			r := relaytest.Start(t, tt.cfg)
+			p := newPeer(t, "udp4", "127.0.0.1:0")
+			clients := make([]*turnClient, tt.sessions)
+			for i := range clients {
+				clients[i] = dialTURN(t, "udp", r.UDP, relaytest.User, relaytest.Password)
+				clients[i].allocate()
+				if code := clients[i].bind(0x4000, p.addr); code != 0 {
+					t.Fatal(code)
+				}
 			}
-			received <- time.Now()
-		}
-	}()
-	start := time.Now()
-	const offered = 2 * limit
-	for i := 0; time.Since(start) < 3*time.Second; i++ {
-		c.sendChannel(0x4000, payload)
-		if ahead := time.Duration(i+1)*time.Second*time.Duration(len(payload))/offered - time.Since(start); ahead > 0 {
-			time.Sleep(ahead)
-		}
+			// Offer twice the limit in all, paced, for 2 s, and measure what reaches
+			// the peer after the first half second (the buckets start full).
+			const size, offered = 1000, 2 * limit
+			received := make(chan time.Time, 10000)
+			var wg sync.WaitGroup
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				defer close(received)
+				for {
+					if _, _, ok := p.recv(300 * time.Millisecond); !ok {
+						return
+					}
+					received <- time.Now()
+				}
+			}()
+			payload := make([]byte, size)
+			start := time.Now()
+			for i := 0; time.Since(start) < 2*time.Second; i++ {
+				clients[i%len(clients)].sendChannel(0x4000, payload)
+				if ahead := time.Duration(i+1)*time.Second*size/offered - time.Since(start); ahead > 0 {
+					time.Sleep(ahead)
+				}
+			}
+			wg.Wait()
+			n := 0
+			from, to := start.Add(500*time.Millisecond), start.Add(2*time.Second)
+			for at := range received {
+				if !at.Before(from) && at.Before(to) {
+					n++
+				}
+			}
+			rate := float64(n*size) / to.Sub(from).Seconds()
+			if rate < 0.9*limit || rate > 1.1*limit {
+				t.Fatalf("relayed %.0f B/s with a limit of %d B/s", rate, limit)
+			}
+			if r.Stats().Dropped(tt.drop) == 0 {
+				t.Fatalf("no drops counted as %v", tt.drop)
+			}
+			t.Logf("relayed %.0f B/s (limit %d, offered %d)", rate, limit, offered)
+		})
 	}
-	wg.Wait()
-	var n int
-	from, to := start.Add(500*time.Millisecond), start.Add(3*time.Second)
-	for at := range received {
-		if !at.Before(from) && at.Before(to) {
-			n++
-		}
-	}
-	rate := float64(n*len(payload)) / to.Sub(from).Seconds()
-	if rate < 0.9*limit || rate > 1.1*limit {
-		t.Fatalf("relayed %.0f B/s with a limit of %d B/s", rate, limit)
-	}
-	t.Logf("relayed %.0f B/s (limit %d, offered %d)", rate, limit, offered)
-	_ = relayed
 }
 
 func TestIdleTimeout(t *testing.T) {

@@ -163,7 +163,7 @@ func (tc *tcpConn) frame(rc *reqCtx, f []byte) {
 		case !r.ok:
 			s.tcpCtr.drops[DropNoPermission].Add(1)
 		default:
-			tc.toPeer(a, payload, &r.sa)
+			tc.toPeer(a, payload, r.peer, &r.sa)
 		}
 		return
 	}
@@ -182,7 +182,7 @@ func (tc *tcpConn) frame(rc *reqCtx, f []byte) {
 			return
 		}
 		sa := sockaddrOf(peer, a.rs.v6)
-		tc.toPeer(a, data, &sa)
+		tc.toPeer(a, data, peer, &sa)
 		return
 	}
 	rc.alloc = a
@@ -194,8 +194,12 @@ func (tc *tcpConn) frame(rc *reqCtx, f []byte) {
 
 // toPeer relays a TCP client's payload. The relayed socket belongs to a loop, so the
 // send holds its lock against the loop closing it.
-func (tc *tcpConn) toPeer(a *allocation, payload []byte, sa *sockaddr) {
+func (tc *tcpConn) toPeer(a *allocation, payload []byte, peer addrKey, sa *sockaddr) {
 	s := tc.srv
+	if s.isSelf(peer) {
+		s.tcpCtr.drops[DropForbidden].Add(1)
+		return
+	}
 	if r, ok := a.admit(len(payload), int64(s.clock.Now().Sub(s.epoch))); !ok {
 		s.tcpCtr.drops[r].Add(1)
 		return
@@ -269,61 +273,5 @@ func (tc *tcpConn) allocationEnded(a *allocation, reason string) {
 	tc.alloc.CompareAndSwap(a, nil)
 	if reason != "deleted" && reason != "closed" {
 		tc.close()
-	}
-}
-
-// frameReader splits a TURN TCP stream into frames. Its buffer grows to the largest
-// frame seen, so an idle connection holds little memory.
-type frameReader struct {
-	r          io.Reader
-	dataOK     func() bool // nil means ChannelData is always acceptable
-	buf        []byte
-	start, end int
-}
-
-// maxFrame is the largest frame: a STUN message of maximum length.
-const maxFrame = stunHeaderSize + maxPayload
-
-func (fr *frameReader) next() ([]byte, error) {
-	for {
-		b := fr.buf[fr.start:fr.end]
-		n, err := frameLen(b)
-		if err != nil {
-			return nil, err
-		}
-		if n > 0 && isChannelData(b) && fr.dataOK != nil && !fr.dataOK() {
-			return nil, ErrMalformed
-		}
-		if n > maxFrame {
-			return nil, ErrMalformed
-		}
-		if n > 0 && len(b) >= n {
-			fr.start += n
-			return b[:n:n], nil
-		}
-		// Make room for the whole frame (or, before its length is known, its header):
-		// move it to the front, growing the buffer if it is too small.
-		need := max(n, 4)
-		if fr.start+need > len(fr.buf) {
-			if need > len(fr.buf) {
-				grown := make([]byte, min(max(2048, 2*len(fr.buf), need), maxFrame))
-				copy(grown, b)
-				fr.buf = grown
-			} else {
-				copy(fr.buf, b)
-			}
-			fr.start, fr.end = 0, len(b)
-		}
-		m, err := fr.r.Read(fr.buf[fr.end:])
-		fr.end += m
-		if m > 0 {
-			continue
-		}
-		if err != nil {
-			if errors.Is(err, io.EOF) && fr.end > fr.start {
-				return nil, io.ErrUnexpectedEOF
-			}
-			return nil, err
-		}
 	}
 }

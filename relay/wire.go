@@ -3,6 +3,7 @@ package relay
 import (
 	"encoding/binary"
 	"errors"
+	"io"
 	"net/netip"
 )
 
@@ -253,4 +254,60 @@ func putDataIndication(b []byte, off, n int, peer addrKey, txid *[12]byte) (star
 
 func unmapAddrPort(ap netip.AddrPort) netip.AddrPort {
 	return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
+}
+
+// frameReader splits a TURN TCP stream into frames. Its buffer grows to the largest
+// frame seen, so an idle connection holds little memory.
+type frameReader struct {
+	r          io.Reader
+	dataOK     func() bool // nil means ChannelData is always acceptable
+	buf        []byte
+	start, end int
+}
+
+// maxFrame is the largest frame: a STUN message of maximum length.
+const maxFrame = stunHeaderSize + maxPayload
+
+func (fr *frameReader) next() ([]byte, error) {
+	for {
+		b := fr.buf[fr.start:fr.end]
+		n, err := frameLen(b)
+		if err != nil {
+			return nil, err
+		}
+		if n > 0 && isChannelData(b) && fr.dataOK != nil && !fr.dataOK() {
+			return nil, ErrMalformed
+		}
+		if n > maxFrame {
+			return nil, ErrMalformed
+		}
+		if n > 0 && len(b) >= n {
+			fr.start += n
+			return b[:n:n], nil
+		}
+		// Make room for the whole frame (or, before its length is known, its header):
+		// move it to the front, growing the buffer if it is too small.
+		need := max(n, 4)
+		if fr.start+need > len(fr.buf) {
+			if need > len(fr.buf) {
+				grown := make([]byte, min(max(2048, 2*len(fr.buf), need), maxFrame))
+				copy(grown, b)
+				fr.buf = grown
+			} else {
+				copy(fr.buf, b)
+			}
+			fr.start, fr.end = 0, len(b)
+		}
+		m, err := fr.r.Read(fr.buf[fr.end:])
+		fr.end += m
+		if m > 0 {
+			continue
+		}
+		if err != nil {
+			if errors.Is(err, io.EOF) && fr.end > fr.start {
+				return nil, io.ErrUnexpectedEOF
+			}
+			return nil, err
+		}
+	}
 }

@@ -243,13 +243,13 @@ func FuzzDataIndication(f *testing.F) {
 			return
 		}
 		k := keyOf(netip.AddrPortFrom(addr.Unmap(), port))
-		b := make([]byte, headroom+len(payload)+3)
-		copy(b[headroom:], payload)
-		for i := headroom + len(payload); i < len(b); i++ {
+		b := make([]byte, dataIndicationHeader+len(payload)+3)
+		copy(b[dataIndicationHeader:], payload)
+		for i := dataIndicationHeader + len(payload); i < len(b); i++ {
 			b[i] = 0xEE // stale bytes the padding must not leak
 		}
-		start := putDataIndication(b, headroom, len(payload), k, (*[12]byte)(txid))
-		msg := b[start : headroom+pad4(len(payload))]
+		start := putDataIndication(b, dataIndicationHeader, len(payload), k, (*[12]byte)(txid))
+		msg := b[start : dataIndicationHeader+pad4(len(payload))]
 		if bytes.Contains(msg[len(msg)-(pad4(len(payload))-len(payload)):], []byte{0xEE}) {
 			t.Fatal("padding leaks stale bytes")
 		}

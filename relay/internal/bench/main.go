@@ -46,12 +46,12 @@ const (
 
 func main() {
 	sessions := flag.String("sessions", "10,100", "uclient -m values (sessions), comma-separated")
-	msgs := flag.Int("n", 1000, "messages per session (uclient -n)")
+	msgs := flag.Int("n", 500, "messages per session (uclient -n)")
 	size := flag.Int("l", 1200, "message length (uclient -l)")
 	pace := flag.String("z", "20", "per-session packet intervals in ms (uclient -z), comma-separated; 0 is unpaced")
 	runs := flag.Int("runs", 3, "runs per configuration and server; the table shows medians")
 	modes := flag.String("modes", "c2c,peer", "c2c (uclient -y) and/or peer (uclient to turnutils_peer), comma-separated")
-	idle := flag.Int("idle", 1000, "idle allocations for the memory measurement (0 skips it)")
+	idle := flag.Int("idle", 2000, "idle allocations for the memory measurement (0 skips it)")
 	flag.Parse()
 	if err := run(*modes, *sessions, *pace, *msgs, *size, *runs, *idle); err != nil {
 		fmt.Fprintln(os.Stderr, "bench:", err)
@@ -68,9 +68,12 @@ type server struct {
 
 func (s *server) pid() int { return s.cmd.Process.Pid }
 
+// stop kills the server; it may be called more than once.
 func (s *server) stop() {
-	s.cmd.Process.Kill()
-	s.cmd.Wait()
+	if s.cmd.ProcessState == nil {
+		s.cmd.Process.Kill()
+		s.cmd.Wait()
+	}
 }
 
 func run(modeList, sessionList, paceList string, msgs, size, runs, idle int) error {
@@ -167,13 +170,24 @@ func run(modeList, sessionList, paceList string, msgs, size, runs, idle int) err
 	w.Flush()
 
 	if idle > 0 {
+		// Fresh servers: after the load runs, heap the runtime keeps would hide growth.
+		pl.stop()
+		ct.stop()
 		fmt.Println()
-		for _, s := range []*server{pl, ct} {
+		for _, start := range []func() (*server, error){
+			func() (*server, error) { return startPeerlink(bin, dir) },
+			func() (*server, error) { return startCoturn(dir) },
+		} {
+			s, err := start()
+			if err != nil {
+				return err
+			}
 			per, err := idleMemory(s, idle)
+			s.stop()
 			if err != nil {
 				return fmt.Errorf("%s idle memory: %w", s.name, err)
 			}
-			fmt.Printf("idle allocation, %s: %.1f KiB of server RSS each (%d allocations)\n", s.name, per/1024, idle)
+			fmt.Printf("idle allocation, %s: %.1f KiB of server RSS each (%d allocations on a fresh server)\n", s.name, per/1024, idle)
 		}
 	}
 	return nil
