@@ -323,7 +323,13 @@ func (c *Conn) proceed(ctx context.Context, initiator, responder signal.Connecti
 	}
 	relayed := !c.opts.NoRelay && remoteRelayed.IsValid() && c.n.relayConn() != nil
 	if relayed {
-		go c.relayPing(ctx, remoteRelayed)
+		// Not ctx: that ends when this returns, and the relayed path must still be
+		// confirmed when the first pings are lost.
+		pctx, cancel := context.WithTimeout(c.n.ctx, c.opts.timeout())
+		c.n.wg.Go(func() {
+			defer cancel()
+			c.relayPing(pctx, remoteRelayed)
+		})
 	}
 
 	var punchErr error
@@ -433,17 +439,27 @@ func (c *Conn) relayPing(ctx context.Context, peer netip.AddrPort) {
 	c.mu.Unlock()
 	ping := appendFrame(nil, c.sendID, kindPing, nil)
 	to := net.UDPAddrFromAddrPort(peer)
-	for {
+	for sent := 0; ; sent++ {
 		c.mu.Lock()
 		up := c.relayUp
 		c.mu.Unlock()
 		if up {
+			c.n.log.Debug("connect: relayed path confirmed", "peer", c.peer.Short(), "pings", sent)
 			return
 		}
-		rc.WriteTo(ping, to)
+		if _, err := rc.WriteTo(ping, to); err != nil {
+			c.n.log.Debug("connect: relay ping", "peer", c.peer.Short(), "to", peer, "err", err)
+		}
+		// Quick at first, for a fast start; then easier on a relay that is slow to let
+		// the first datagrams through.
+		interval := 50 * time.Millisecond
+		if sent >= 20 {
+			interval = 250 * time.Millisecond
+		}
 		select {
-		case <-time.After(50 * time.Millisecond):
+		case <-time.After(interval):
 		case <-ctx.Done():
+			c.n.log.Debug("connect: relay pings unanswered", "peer", c.peer.Short(), "pings", sent, "err", ctx.Err())
 			return
 		case <-c.done:
 			return
@@ -481,6 +497,7 @@ func (c *Conn) relayConfirmed(from netip.AddrPort) {
 	c.relayUp, c.relayPeer = true, from
 	c.mu.Unlock()
 	if first {
+		c.n.log.Debug("connect: relayed path up", "peer", c.peer.Short(), "from", from)
 		c.pathUp(MethodRelayed)
 	}
 }

@@ -119,3 +119,25 @@ func TestConnectErrors(t *testing.T) {
 		t.Errorf("ErrPeerOffline took %v, want under 1s", d)
 	}
 }
+
+// TestConnectRelayedUnderLoss: two symmetric NATs on uplinks that lose 30% of packets
+// each way. The relayed path is confirmed by pings that are lost as often as not, so
+// both sides must keep pinging after the plan is made, until one comes through.
+func TestConnectRelayedUnderLoss(t *testing.T) {
+	sig := signaltest.Start(t, signal.Config{}, false)
+	for seed := range uint64(4) {
+		w := newWorld(t, 50+seed, sig)
+		a := w.node("a", nodeOpts{typ: mustType(t, "pd-pd-rd"), loss: 0.3})
+		b := w.node("b", nodeOpts{typ: mustType(t, "pd-pd-rd"), loss: 0.3})
+		for i := range 3 {
+			c, err := pair(t, a, b, Options{})
+			if err != nil {
+				t.Fatalf("seed %d, connection %d: %v", seed, i, err)
+			}
+			if c.Method() != MethodRelayed {
+				t.Errorf("seed %d, connection %d: method %v, want relayed", seed, i, c.Method())
+			}
+			c.Close()
+		}
+	}
+}

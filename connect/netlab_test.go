@@ -5,11 +5,14 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"io"
+	"log/slog"
 	"net/http"
 	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime/pprof"
 	"sort"
 	"strings"
 	"sync"
@@ -66,12 +69,15 @@ func startLabServices(t *testing.T, l *netlab.Lab) *labServices {
 	tlsAddr := netip.AddrPortFrom(ip1, 443).String()
 	certFile, keyFile, pool := signaltest.Certificate(t)
 	cmd := l.Server.Command(context.Background(), bin, "relay", "--listen", relayAddr, "--tls-listen", tlsAddr, "--cert", certFile, "--key", keyFile,
-		"--relay-ip", ip1.String(), "--user", "peer:secret")
+		"--relay-ip", ip1.String(), "--user", "peer:secret", "--metrics", netip.AddrPortFrom(ip1, 9100).String())
 	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	if os.Getenv("PEERLINK_LAB_DEBUG") != "" {
+		t.Cleanup(func() { logRelayDrops(t, l) })
+	}
 	rc := &RelayConfig{Server: relayAddr, TLSServer: tlsAddr, TLSConfig: &tls.Config{RootCAs: pool, ServerName: "localhost"}, Username: "peer", Password: "secret"}
 	// Wait until the relay allocates.
 	deadline := time.Now().Add(10 * time.Second)
@@ -104,7 +110,7 @@ func (s *labServices) node(t *testing.T, h *netlab.Host) *Node {
 		t.Fatalf("%s: signaling: %v", h.Name, err)
 	}
 	t.Cleanup(func() { sc.Close() })
-	n, err := Start(ctx, Config{Identity: id, Signal: sc, STUN: s.stun, Relay: s.relay, Net: h, DialContext: h.DialContext,
+	n, err := Start(ctx, Config{Identity: id, Signal: sc, STUN: s.stun, Relay: s.relay, Net: h, DialContext: h.DialContext, Logger: labLogger(h.Name),
 		LocalIPs: func() ([]netip.Addr, error) { return h.IPs, nil }})
 	if err != nil {
 		t.Fatalf("%s: %v", h.Name, err)
@@ -121,9 +127,35 @@ func TestConnectKernelLab(t *testing.T) { labMatrix(t, 0) }
 // TestConnectKernelLabLoss is the same with 5% loss on every uplink as well.
 func TestConnectKernelLabLoss(t *testing.T) { labMatrix(t, 5) }
 
+// labLogger logs a lab node's debugging to stderr when $PEERLINK_LAB_DEBUG is set.
+func labLogger(name string) *slog.Logger {
+	if os.Getenv("PEERLINK_LAB_DEBUG") == "" {
+		return nil
+	}
+	return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug})).With("site", name)
+}
+
+// labKinds is every NAT kind, or those named in $PEERLINK_LAB_KINDS (comma-separated),
+// to look into a few pairs.
+func labKinds(t *testing.T) []netlab.Kind {
+	env := os.Getenv("PEERLINK_LAB_KINDS")
+	if env == "" {
+		return netlab.AllKinds()
+	}
+	var kinds []netlab.Kind
+	for _, name := range strings.Split(env, ",") {
+		k, err := netlab.ParseKind(name)
+		if err != nil {
+			t.Fatalf("PEERLINK_LAB_KINDS: %v", err)
+		}
+		kinds = append(kinds, k)
+	}
+	return kinds
+}
+
 func labMatrix(t *testing.T, loss int) {
 	netlabtest.Need(t)
-	kinds := netlab.AllKinds()
+	kinds := labKinds(t)
 	link := netlab.Link{Delay: 50 * time.Millisecond, Loss: loss}
 	var sites []netlab.SiteConfig
 	for _, k := range kinds {
@@ -166,6 +198,9 @@ func labMatrix(t *testing.T, loss int) {
 			}
 			c, err := pair(t, a, b, Options{})
 			r.err = err
+			if err != nil && os.Getenv("PEERLINK_LAB_DEBUG") != "" {
+				pprof.Lookup("goroutine").WriteTo(os.Stderr, 1)
+			}
 			if err == nil {
 				deadline := time.Now().Add(15 * time.Second)
 				for c.Method() != r.want && time.Now().Before(deadline) {
@@ -210,4 +245,21 @@ func labMatrix(t *testing.T, loss int) {
 		fmt.Fprintf(&sb, "median time to direct for simple punching / direct pairs: %v (%d pairs)\n", simple[len(simple)/2].Round(time.Millisecond), len(simple))
 	}
 	t.Log(sb.String())
+}
+
+// logRelayDrops logs the lab relay's nonzero drop and error counters.
+func logRelayDrops(t *testing.T, l *netlab.Lab) {
+	hc := &http.Client{Transport: &http.Transport{DialContext: l.Server.DialContext}, Timeout: 5 * time.Second}
+	resp, err := hc.Get("http://" + netip.AddrPortFrom(l.Server.IPs[0], 9100).String() + "/metrics")
+	if err != nil {
+		t.Logf("relay metrics: %v", err)
+		return
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	for _, line := range strings.Split(string(b), "\n") {
+		if strings.HasPrefix(line, "peerlink_relay") && !strings.HasSuffix(line, " 0") {
+			t.Log(line)
+		}
+	}
 }

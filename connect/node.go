@@ -94,7 +94,9 @@ type Node struct {
 	relayMu     sync.Mutex
 	relay       *relay.Conn
 	relayErr    error
-	relayFailed time.Time // when the last allocation failed
+	relayFailed time.Time     // when the last allocation failed
+	relayDone   chan struct{} // closed when the first allocation at Start has ended
+	published   chan struct{} // closed when Start has published the node
 
 	mu       sync.Mutex
 	conns    map[uint64]*Conn
@@ -119,7 +121,7 @@ func Start(ctx context.Context, cfg Config) (*Node, error) {
 	n := &Node{
 		cfg: cfg, id: cfg.Identity, sig: cfg.Signal, log: cfg.Logger, clock: clock.Or(cfg.Clock),
 		net: nettype.Or(cfg.Net), conns: map[uint64]*Conn{}, sessions: map[string]*Conn{},
-		accept: make(chan *Conn, 16),
+		accept: make(chan *Conn, 16), relayDone: make(chan struct{}), published: make(chan struct{}),
 	}
 	if n.log == nil {
 		n.log = slog.New(slog.DiscardHandler)
@@ -183,15 +185,48 @@ func Start(ctx context.Context, cfg Config) (*Node, error) {
 		// Relay-first: allocate now, in the background, so that an allocation is
 		// usually ready before anyone connects, and a relay that is down does not
 		// hold up the start. Connect waits for this attempt if it is still going.
-		n.wg.Go(func() { n.ensureRelay(n.ctx) })
+		n.wg.Go(func() {
+			defer close(n.relayDone)
+			if _, err := n.ensureRelay(n.ctx); err != nil {
+				return
+			}
+			// The first publication may have gone out without the relayed candidate;
+			// peers that look the node up must see it.
+			select {
+			case <-n.published:
+			case <-n.ctx.Done():
+				return
+			}
+			pctx, cancel := context.WithTimeout(n.ctx, 5*time.Second)
+			defer cancel()
+			if err := n.sig.Publish(pctx, n.info()); err != nil {
+				n.log.Debug("connect: publishing the relayed candidate", "err", err)
+			}
+		})
+	} else {
+		close(n.relayDone)
 	}
 	if err := n.sig.Publish(ctx, n.info()); err != nil {
 		return fail(fmt.Errorf("connect: publishing: %w", err))
 	}
+	close(n.published)
 	n.wg.Go(n.signalLoop)
 	n.wg.Go(func() { n.dataLoop(n.main.Data(), nil) })
 	n.log.Info("connect: node up", "node", n.id.NodeID().Short(), "profile", n.profile.String(), "reflexive", n.srflx)
 	return n, nil
+}
+
+// WaitRelay waits until the relay allocation begun at Start has ended (and, when it
+// succeeded, the relayed candidate is published) and returns its error: nil when the
+// node has a relay, ErrNoRelay when none is configured or it could not be reached.
+func (n *Node) WaitRelay(ctx context.Context) error {
+	select {
+	case <-n.relayDone:
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	_, err := n.ensureRelay(ctx)
+	return err
 }
 
 // NodeID is this node's ID.

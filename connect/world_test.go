@@ -97,6 +97,7 @@ type nodeOpts struct {
 	open    bool // a public host, no NAT
 	detect  bool // profile the NAT for real instead of using typ
 	noRelay bool
+	loss    float64 // on the NAT's uplink
 }
 
 // node starts a node behind a new NAT of the given type.
@@ -113,7 +114,8 @@ func (w *world) node(name string, o nodeOpts) *Node {
 		h = w.net.AddPublicHost(name, netip.AddrFrom4([4]byte{203, 0, 113, byte(100 + i)}))
 		profile = &nat.Profile{Open: true, Mapping: nat.MappingEI, Filtering: nat.FilteringEI, Allocation: nat.AllocationPP}
 	} else {
-		r := w.net.AddNAT(natlab.NATConfig{Name: name + "-nat", Type: o.typ, PublicIP: netip.AddrFrom4([4]byte{198, 51, 100, byte(i)})})
+		r := w.net.AddNAT(natlab.NATConfig{Name: name + "-nat", Type: o.typ, PublicIP: netip.AddrFrom4([4]byte{198, 51, 100, byte(i)}),
+			Uplink: natlab.Link{Loss: o.loss}})
 		h = r.AddHost(name, netip.AddrFrom4([4]byte{192, 168, byte(i), 2}))
 		profile = &nat.Profile{Mapping: o.typ.Mapping, Filtering: o.typ.Filtering, Allocation: o.typ.Allocation, PortDelta: 1}
 	}

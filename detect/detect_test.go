@@ -308,3 +308,34 @@ func BenchmarkDetect50ms(b *testing.B) {
 	}
 	b.ReportMetric(float64(total.Milliseconds())/float64(b.N), "ms/detection")
 }
+
+// TestDetectMappingUnderLoss: on a lossy, slow uplink the mapping is still measured —
+// the RFC 5780 tests retransmit until they are answered rather than giving up with the
+// "no answer" verdicts — for every mapping behaviour and many loss patterns.
+func TestDetectMappingUnderLoss(t *testing.T) {
+	types := []nat.Type{
+		{Mapping: nat.MappingEI, Filtering: nat.FilteringPD, Allocation: nat.AllocationPP},
+		{Mapping: nat.MappingHD, Filtering: nat.FilteringPD, Allocation: nat.AllocationRD},
+		{Mapping: nat.MappingPD, Filtering: nat.FilteringPD, Allocation: nat.AllocationRD},
+	}
+	for _, typ := range types {
+		t.Run(typ.String(), func(t *testing.T) {
+			t.Parallel()
+			for seed := range uint64(15) {
+				w := newWorld(t, 100+seed)
+				r := w.net.AddNAT(natlab.NATConfig{Name: "home", Type: typ, PublicIP: netip.MustParseAddr("198.51.100.1"),
+					Uplink: natlab.Link{Latency: 50 * time.Millisecond, Loss: 0.15}})
+				d := w.detector(r.AddHost("peer", netip.MustParseAddr("192.168.1.2")))
+				p, err := d.Detect(context.Background(), Options{})
+				d.Close()
+				if err != nil {
+					t.Fatalf("seed %d: %v", seed, err)
+				}
+				if p.Mapping != typ.Mapping {
+					rep, _ := d.LastReport()
+					t.Errorf("seed %d: mapping %v, want %v (notes %q)", seed, p.Mapping, typ.Mapping, rep.Notes)
+				}
+			}
+		})
+	}
+}

@@ -153,10 +153,19 @@ func (r *run) detect(ctx context.Context, budget time.Duration) (Report, error) 
 	firstAnswer := make(chan struct{})
 	var firstOnce sync.Once
 	var obsWG sync.WaitGroup
+	// Other observers are bounded by the verdict window below; the primary's Tests I to
+	// III by the budget only: they wait for answers that will come, and cutting them
+	// short on a lossy link would leave the mapping unknown.
+	obsCtx, obsCancel := context.WithCancel(ctx)
+	defer obsCancel()
 	for i, o := range r.observers {
 		results[i].Addr = o
+		octx := obsCtx
+		if i == 0 {
+			octx = ctx
+		}
 		obsWG.Go(func() {
-			a, err := main.roundTrip(ctx, o, 0, rto)
+			a, err := main.roundTrip(octx, o, 0, rto)
 			if err == nil && a.code != 0 {
 				err = fmt.Errorf("error response %d", a.code)
 			}
@@ -208,7 +217,7 @@ func (r *run) detect(ctx context.Context, budget time.Duration) (Report, error) 
 	select {
 	case <-obsDone:
 	case <-verdictCtx.Done():
-		cancel() // stop the stragglers; their error is recorded
+		obsCancel() // stop the stragglers; their error is recorded
 		<-obsDone
 	}
 

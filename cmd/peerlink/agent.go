@@ -154,6 +154,13 @@ func (a *agent) serve(ctx context.Context, first bool) (up bool, err error) {
 	}
 	defer node.Close()
 
+	// The ready line lists the relayed candidate when there is a relay: wait for the
+	// allocation begun at start (it gives up on its own after a few seconds).
+	wctx, wcancel := context.WithTimeout(ctx, 5*time.Second)
+	if err := node.WaitRelay(wctx); err != nil && !errors.Is(err, connect.ErrNoRelay) {
+		fmt.Fprintf(a.stderr, "peerlink agent: relay: %v\n", err)
+	}
+	wcancel()
 	own := published(ctx, sig, a.id.NodeID())
 	prof := node.Profile()
 	if own != nil {
