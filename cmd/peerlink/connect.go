@@ -21,6 +21,7 @@ import (
 	"peerlink/identity"
 	"peerlink/nat"
 	"peerlink/relay"
+	"peerlink/relayreg"
 	"peerlink/signal"
 )
 
@@ -34,6 +35,7 @@ type nodeFlags struct {
 	relayUser      string
 	relayPass      string
 	relayTransport string
+	relayAuto      bool // relay was found in the rendezvous server's registry
 	json           bool
 	verbose        bool
 }
@@ -42,7 +44,7 @@ func (f *nodeFlags) register(fs *flag.FlagSet) {
 	fs.StringVar(&f.server, "server", "", "rendezvous server URL, ws:// or wss:// (default $PEERLINK_SERVER)")
 	fs.StringVar(&f.identity, "identity", "", "identity key file (default $PEERLINK_IDENTITY, else peerlink/identity.key in the user's config directory)")
 	fs.Var(&f.stun, "stun", "STUN server HOST:PORT, RFC 5780 one first (repeatable; default $PEERLINK_STUN, comma separated)")
-	fs.StringVar(&f.relay, "relay", "", "TURN relay HOST:PORT to fall back on (default $PEERLINK_RELAY; none: no relaying)")
+	fs.StringVar(&f.relay, "relay", "", "TURN relay HOST:PORT to fall back on (default $PEERLINK_RELAY, else the best relay registered with the rendezvous server; \"none\": no relaying)")
 	fs.StringVar(&f.relayUser, "relay-user", "", "relay user name (default $PEERLINK_RELAY_USER; none: short-lived credentials from the rendezvous server)")
 	fs.StringVar(&f.relayPass, "relay-pass", "", "relay password (default $PEERLINK_RELAY_PASS, which keeps it out of the process list)")
 	fs.StringVar(&f.relayTransport, "relay-transport", "udp", "how to reach the relay: udp, tcp or tls")
@@ -123,7 +125,10 @@ func (f *nodeFlags) startNode(ctx context.Context, id *identity.Identity, sig *s
 		return nil, err
 	}
 	cfg := connect.Config{Identity: id, Signal: sig, STUN: stunAddrs, Logger: log}
-	if f.relay != "" {
+	if f.relay == "" {
+		f.findRelay(ctx, sig, log)
+	}
+	if f.relay != "" && f.relay != "none" {
 		cfg.Relay = &connect.RelayConfig{Server: f.relay, Transport: relay.Transport(f.relayTransport), Username: f.relayUser, Password: f.relayPass}
 	}
 	node, err := connect.Start(ctx, cfg)
@@ -134,6 +139,26 @@ func (f *nodeFlags) startNode(ctx context.Context, id *identity.Identity, sig *s
 		return nil, fmt.Errorf("profiling the NAT failed: no usable answer from the STUN servers %s: %w (check --stun; run 'peerlink stun' for one)", strings.Join(f.stun, ", "), err)
 	}
 	return nil, fmt.Errorf("starting the node: %w", err)
+}
+
+// findRelay picks the relay with the lowest latency and load among those registered
+// with the rendezvous server; the node then gets short-lived credentials for it from the
+// server. With none registered (or none answering) the node has no relay.
+func (f *nodeFlags) findRelay(ctx context.Context, sig *signal.Client, log *slog.Logger) {
+	fctx, cancel := context.WithTimeout(ctx, 3*time.Second)
+	defer cancel()
+	fd := &relayreg.Finder{Source: sig, Transports: []relayreg.Transport{relayreg.Transport(f.relayTransport)}, Logger: log}
+	ch, err := fd.FindRelay(fctx, identity.NodeID{})
+	if err != nil {
+		if log != nil {
+			log.Debug("no registered relay", "err", err)
+		}
+		return
+	}
+	f.relay, f.relayAuto = ch.Endpoint.Addr, true
+	if log != nil {
+		log.Debug("using a registered relay", "relay", ch.NodeID.Short(), "endpoint", ch.Endpoint, "latency", ch.Latency, "load", ch.Load)
+	}
 }
 
 // resolveSTUN turns HOST[:PORT] into IPv4 ip:port, which is what NAT profiling needs.
@@ -280,8 +305,8 @@ Flags:
 	if err := nf.resolve(); err != nil {
 		return err
 	}
-	if *noDirect && nf.relay == "" {
-		return fmt.Errorf("%w: --no-direct needs a relay: pass --relay HOST:PORT or set PEERLINK_RELAY", errUsage)
+	if *noDirect && nf.relay == "none" {
+		return fmt.Errorf("%w: --no-direct needs a relay: pass --relay HOST:PORT or set PEERLINK_RELAY, or leave it unset to use one registered with the rendezvous server", errUsage)
 	}
 	id, err := nf.loadIdentity()
 	if err != nil {
@@ -360,7 +385,10 @@ func (c *connector) run(ctx context.Context) (string, error) {
 	c.out.Profile = &prof
 	c.progress("profile: %s (node up in %v)", prof, time.Since(start).Round(time.Millisecond))
 	c.progress("candidates: %s", strings.Join(candidateStrings(own), ", "))
-	if c.nf.relay != "" && !hasRelayed(own) {
+	if c.nf.relayAuto {
+		c.progress("relay: %s, registered with the rendezvous server", c.nf.relay)
+	}
+	if c.nf.relay != "" && c.nf.relay != "none" && !hasRelayed(own) {
 		c.progress("relay: no allocation on %s yet (retrying when connecting)", c.nf.relay)
 	}
 	var theirs *signal.ConnectionInfo
@@ -485,7 +513,7 @@ func (c *connector) explain(err error, own, theirs *signal.ConnectionInfo) (stri
 		return "peer_offline", c.offline()
 	case errors.Is(err, connect.ErrSymmetricNAT):
 		return "symmetric_nat", fmt.Errorf("both peers are behind symmetric NATs and relay is disabled: enable relay (drop --no-relay, pass --relay HOST:PORT) or run 'peerlink relay' (%v)", err)
-	case errors.Is(err, connect.ErrNoRelay) && c.nf.relay == "":
+	case errors.Is(err, connect.ErrNoRelay) && (c.nf.relay == "" || c.nf.relay == "none"):
 		return "no_relay", fmt.Errorf("no direct path to %s and no relay to fall back on: pass --relay HOST:PORT or set PEERLINK_RELAY (run 'peerlink relay' for one) (%v)", peer, err)
 	case errors.Is(err, connect.ErrNoRelay) && hasRelayed(own) && !hasRelayed(theirs):
 		return "no_relay", fmt.Errorf("no direct path to %s, and it has no relay allocation: start its agent with --relay HOST:PORT (%v)", peer, err)

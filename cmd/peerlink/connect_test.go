@@ -359,7 +359,7 @@ func TestConnectAgentUsage(t *testing.T) {
 		{env, []string{"connect", "plnotanode"}, 2, "malformed NodeID"},
 		{env, []string{"connect", "--bogus", node}, 2, "flag provided but not defined"},
 		{env, []string{"connect", "--no-relay", "--no-direct", node}, 2, "leave no way to connect"},
-		{env, []string{"connect", "--no-direct", node}, 2, "--no-direct needs a relay"},
+		{env, []string{"connect", "--no-direct", "--relay", "none", node}, 2, "--no-direct needs a relay"},
 		{env, []string{"connect", "--timeout", "0s", node}, 2, "--timeout must be positive"},
 		{env, []string{"connect", "--relay-transport", "quic", node}, 2, "want udp, tcp or tls"},
 		{nil, []string{"connect", "--stun", "127.0.0.1:9", node}, 2, "no rendezvous server"},

@@ -21,6 +21,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"peerlink/relay"
+	"peerlink/relayreg"
 )
 
 // relayFlagList collects a repeatable flag.
@@ -55,23 +56,28 @@ func runRelay(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	allowLoopback := fs.Bool("allow-loopback-peers", false, "let clients relay to loopback addresses (labs)")
 	allowPrivate := fs.Bool("allow-private-peers", false, "let clients relay to private and link-local addresses (labs)")
 	fs.Var(&denied, "denied-peer-ip", "a further prefix (CIDR) peers may never be in (repeatable)")
-	rendezvous := fs.String("rendezvous", "", "rendezvous server URL to register with")
+	rendezvous := fs.String("rendezvous", "", "rendezvous server URL (ws:// or wss://) to register with, so nodes find this relay (default $PEERLINK_SERVER)")
+	identityFile := fs.String("identity", "", "the relay's identity key file, for --rendezvous (default $PEERLINK_IDENTITY, else peerlink/identity.key in the user's config directory)")
 	metricsAddr := fs.String("metrics", "", "serve Prometheus metrics on this address at /metrics")
 	loops := fs.Int("loops", 0, "event loops relaying UDP (0: half the CPUs)")
 	verbose := fs.Bool("v", false, "log every allocation")
 	fs.Usage = func() {
 		fmt.Fprint(stderr, `Usage: peerlink relay --listen ADDR [--tls-listen ADDR --cert F --key F] [--user USER:PASS ...]
        [--realm R] [--secret S] [--relay-ip IP] [--max-sessions N] [--bandwidth-limit BYTES_PER_S]
-       [--session-timeout DUR] [--allow-loopback-peers] [--rendezvous URL] [--metrics ADDR]
+       [--session-timeout DUR] [--allow-loopback-peers] [--rendezvous URL [--identity F]] [--metrics ADDR]
 
 Runs a TURN relay (RFC 8656) for clients on UDP, TCP and TLS. Every allocation needs
 credentials: --user for fixed ones, --secret for TURN REST ephemeral ones (as coturn's
 use-auth-secret). Peers on loopback, private and link-local addresses are refused unless
 allowed. SIGUSR1 stops new sessions (existing ones carry on), SIGUSR2 allows them again.
+With --rendezvous the relay registers its endpoints, capacity and load with a rendezvous
+server every 10 s; nodes of that server without a --relay of their own then use it (give
+the server the relay's --secret as its TURN secret so it can hand out credentials).
 
 Examples:
   peerlink relay --listen :3478 --user alice:secret --relay-ip 203.0.113.7
   peerlink relay --listen :3478 --tls-listen :443 --cert fullchain.pem --key key.pem --secret S
+  peerlink relay --listen :3478 --secret S --relay-ip 203.0.113.7 --rendezvous wss://rv.example
 
 Flags:
 `)
@@ -172,10 +178,15 @@ Flags:
 		reg = prometheus.NewRegistry()
 		cfg.Metrics = reg
 	}
-	if *rendezvous != "" {
-		// The rendezvous client does not exist yet; until it does the flag is accepted so
-		// deployments can be written now, and the relay says it is not registering.
-		log.Warn("--rendezvous is not wired yet: the relay does not register", "url", *rendezvous)
+	if *rendezvous = cmpOr(*rendezvous, os.Getenv("PEERLINK_SERVER")); *rendezvous != "" {
+		nf := nodeFlags{identity: cmpOr(*identityFile, os.Getenv("PEERLINK_IDENTITY"))}
+		id, err := nf.loadIdentity()
+		if err != nil {
+			return fmt.Errorf("relay: identity: %w", err)
+		}
+		ann := &rendezvousAnnouncer{url: *rendezvous, id: id, log: log}
+		defer ann.Close()
+		cfg.Registrar = &relayreg.Registrar{Announcer: ann, NodeID: id.NodeID()}
 	}
 
 	srv, err := relay.New(cfg)
