@@ -312,19 +312,30 @@ func (w *worker) handle(msg []byte, src netip.AddrPort, on int, tcp bool, now in
 		pion.UnknownAttributes(list).AddTo(resp)
 		c.add(cUnknownAttr)
 	}
+	// SOFTWARE is optional: it goes out only while the answer stays within
+	// maxAmplification times the request, so that a request with a spoofed source
+	// cannot use it to send the victim more (SECURITY.md).
+	fits := func(sw pion.Software, tail int) bool {
+		return sw != nil && len(resp.Raw)+4+(len(sw)+3)&^3+tail <= maxAmplification*len(msg)
+	}
 	if classic {
-		if h.softwareClassic != nil {
+		if fits(h.softwareClassic, 0) {
 			h.softwareClassic.AddTo(resp)
 		}
 		copy(resp.Raw[4:8], msg[4:8])
 	} else {
-		if h.software != nil {
+		if fits(h.software, 8) {
 			h.software.AddTo(resp)
 		}
 		pion.Fingerprint.AddTo(resp)
 	}
 	return from, to, true
 }
+
+// maxAmplification bounds an answer's size as a multiple of its request's. The fixed
+// part of the largest answer to the smallest request (20 bytes) is 76 bytes; SOFTWARE
+// is left out where it would go past the bound.
+const maxAmplification = 4
 
 func (w *worker) addUnknown(n *int, typ uint16) {
 	if *n == len(w.unknown) {
