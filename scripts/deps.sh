@@ -13,6 +13,9 @@ check turnserver coturn
 check turnutils_natdiscovery coturn
 check stun stun-client
 check ping iputils-ping
+check avahi-daemon avahi-daemon
+check avahi-browse avahi-utils
+check dbus-daemon dbus-daemon
 
 if [ ${#need[@]} -eq 0 ]; then
   exit 0
