@@ -33,3 +33,6 @@ apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 # coturn's package starts a server on install on some systems; peerlink's tests start their own.
 if command -v systemctl >/dev/null 2>&1; then systemctl stop coturn >/dev/null 2>&1 || true; fi
 pkill -x turnserver >/dev/null 2>&1 || true
+# Likewise avahi: the mDNS tests run their own daemon inside a lab namespace.
+if command -v systemctl >/dev/null 2>&1; then systemctl stop avahi-daemon.socket avahi-daemon >/dev/null 2>&1 || true; fi
+pkill -x avahi-daemon >/dev/null 2>&1 || true
