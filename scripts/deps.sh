@@ -16,6 +16,7 @@ check ping iputils-ping
 check avahi-daemon avahi-daemon
 check avahi-browse avahi-utils
 check dbus-daemon dbus-daemon
+check miniupnpd miniupnpd-nftables
 
 if [ ${#need[@]} -eq 0 ]; then
   exit 0
@@ -36,3 +37,4 @@ pkill -x turnserver >/dev/null 2>&1 || true
 # Likewise avahi: the mDNS tests run their own daemon inside a lab namespace.
 if command -v systemctl >/dev/null 2>&1; then systemctl stop avahi-daemon.socket avahi-daemon >/dev/null 2>&1 || true; fi
 pkill -x avahi-daemon >/dev/null 2>&1 || true
+pkill -x miniupnpd >/dev/null 2>&1 || true
