@@ -26,11 +26,13 @@ var errUsage = errors.New("usage")
 func commands() map[string]command {
 	return map[string]command{
 		"agent":      {"run a node that accepts connections and echoes datagrams (the other end of connect)", runAgent},
+		"demo":       {"run peerlink end to end in an emulated internet: NAT profiles and a who-connects-how matrix", runDemo},
 		"connect":    {"connect to a node and report how: method, technique, time to first byte", runConnect},
 		"id":         {"print this node's NodeID (creating its identity on first use)", runID},
 		"lab":        {"build, test and tear down the kernel NAT lab (root)", runLab},
 		"netcheck":   {"profile the local NAT: mapping, filtering, allocation, public address", runNetcheck},
 		"relay":      {"run a TURN relay (RFC 8656)", runRelay},
+		"serve":      {"run every server in one process: rendezvous, STUN (RFC 5780) and TURN relay", runServe},
 		"rendezvous": {"run the rendezvous (signaling) server alone", runRendezvous},
 		"stun":       {"run a STUN server (RFC 8489, RFC 5780 with --alt-ip)", runSTUN},
 		"version":    {"print the version", runVersion},
