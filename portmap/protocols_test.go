@@ -16,8 +16,17 @@ import (
 
 var testExternal = netip.MustParseAddr("198.51.100.7")
 
+// unitConfig waits long for answers that come (a loaded CI machine is slow); tests of
+// silence set a short Timeout themselves (silentConfig).
 func unitConfig(t *testing.T, gw netip.Addr, protos ...Protocol) Config {
-	return Config{Gateway: gw, Protocols: protos, Timeout: 400 * time.Millisecond, Lifetime: time.Hour, Logger: testLogger(t)}
+	return Config{Gateway: gw, Protocols: protos, Timeout: 5 * time.Second, Lifetime: time.Hour, Logger: testLogger(t)}
+}
+
+// silentConfig is unitConfig for a gateway that will not answer.
+func silentConfig(t *testing.T, gw netip.Addr, protos ...Protocol) Config {
+	c := unitConfig(t, gw, protos...)
+	c.Timeout = 400 * time.Millisecond
+	return c
 }
 
 // wantErr checks err against a sentinel (nil: no error) and, when code is set, the
@@ -65,7 +74,11 @@ func TestNATPMP(t *testing.T) {
 			gw := newGatewayAddr(t)
 			tc.gw.external = testExternal
 			srv := startUDP(t, netip.AddrPortFrom(gw, natpmpPort), tc.gw.handle)
-			m, err := Map(context.Background(), unitConfig(t, gw, NATPMP), 4242)
+			cfg := unitConfig(t, gw, NATPMP)
+			if tc.gw.silent {
+				cfg = silentConfig(t, gw, NATPMP)
+			}
+			m, err := Map(context.Background(), cfg, 4242)
 			wantErr(t, err, tc.want, tc.code)
 			if err != nil {
 				return
@@ -118,7 +131,11 @@ func TestPCP(t *testing.T) {
 				defer mu.Unlock()
 				return tc.gw.handle(req, from)
 			})
-			m, err := Map(context.Background(), unitConfig(t, gw, PCP), 4242)
+			cfg := unitConfig(t, gw, PCP)
+			if tc.gw.silent {
+				cfg = silentConfig(t, gw, PCP)
+			}
+			m, err := Map(context.Background(), cfg, 4242)
 			wantErr(t, err, tc.want, tc.code)
 			if err != nil {
 				return
