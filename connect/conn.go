@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/netip"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"peerlink/identity"
@@ -44,6 +45,11 @@ func parseFrame(b []byte) (id uint64, kind byte, payload []byte, ok bool) {
 	return binary.BigEndian.Uint64(b[1:9]), b[9], b[frameHeader:], true
 }
 
+// inQueue is how many received datagrams wait for Recv before more are dropped: enough
+// for a burst at full speed (a QUIC congestion window's worth) while the reader is
+// descheduled.
+const inQueue = 4096
+
 // ErrNoPath is returned by Send before the connection has a path.
 var ErrNoPath = errors.New("connect: no path yet")
 
@@ -52,6 +58,12 @@ type Stats struct {
 	// FirstPath is the time from the start to the first working path (relayed or
 	// direct); ToDirect to the direct path, zero if there is none.
 	FirstPath, ToDirect time.Duration
+	// Fallbacks counts moves from a silent direct path to the relay; Restores moves
+	// back once the direct path answered again (see PathCheck).
+	Fallbacks, Restores int
+	// Received counts datagrams that arrived for Recv; Dropped those of them lost
+	// because Recv's queue was full.
+	Received, Dropped uint64
 }
 
 // Conn is a connection to a peer. It carries datagrams over its current path.
@@ -84,6 +96,14 @@ type Conn struct {
 	relayPeer  netip.AddrPort
 	relayUp    bool
 	stats      Stats
+
+	// Direct path health (watchDirect).
+	directDown   bool   // the direct path went silent: Send uses the relay
+	directMethod Method // how the direct path was made, for moving back to it
+	lastPong     time.Time
+	pongs        int
+
+	received, dropped atomic.Uint64
 }
 
 func newConn(n *Node, peer identity.NodeID, session string, initiator bool, opts Options, key []byte) *Conn {
@@ -92,7 +112,7 @@ func newConn(n *Node, peer identity.NodeID, session string, initiator bool, opts
 		n: n, peer: peer, session: session, initiator: initiator, opts: opts, checkKey: key[:32],
 		started: n.clock.Now(),
 		msgs:    make(chan *signal.Message, 16),
-		in:      make(chan []byte, 256),
+		in:      make(chan []byte, inQueue),
 		ready:   make(chan struct{}),
 		done:    make(chan struct{}),
 	}
@@ -105,6 +125,14 @@ func newConn(n *Node, peer identity.NodeID, session string, initiator bool, opts
 
 // Peer is the NodeID at the other end.
 func (c *Conn) Peer() identity.NodeID { return c.peer }
+
+// Initiator is true on the side that called Connect, false on the side that accepted.
+// Protocols above that need a client and a server pick them by it.
+func (c *Conn) Initiator() bool { return c.initiator }
+
+// LocalProfile is the NAT profile of this end's node (its binding lifetime, when
+// measured, tells how often an idle connection must send to keep its mapping).
+func (c *Conn) LocalProfile() nat.Profile { return c.n.profile }
 
 // Method says how the current path was made: direct, punched or relayed.
 func (c *Conn) Method() Method {
@@ -125,7 +153,9 @@ func (c *Conn) Technique() nat.Technique {
 func (c *Conn) Stats() Stats {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	return c.stats
+	s := c.stats
+	s.Received, s.Dropped = c.received.Load(), c.dropped.Load()
+	return s
 }
 
 // Send sends one datagram to the peer over the current path.
@@ -138,6 +168,9 @@ func (c *Conn) Send(b []byte) error {
 	frame := appendFrame(make([]byte, 0, frameHeader+len(b)), c.sendID, kindData, b)
 	c.mu.Lock()
 	direct, addr, relayUp, relayPeer := c.direct, c.directAddr, c.relayUp, c.relayPeer
+	if c.directDown {
+		direct = nil
+	}
 	c.mu.Unlock()
 	switch {
 	case direct != nil:
@@ -407,6 +440,7 @@ func (c *Conn) punch(ctx context.Context, setup punch.Setup, hosts, reflexive []
 	}
 	c.mu.Lock()
 	c.direct, c.directAddr = res.Local, res.Remote
+	c.directMethod = methodOf(res.Technique)
 	if res.Local != c.n.main {
 		c.extra = res.Local
 	}
@@ -421,6 +455,9 @@ func (c *Conn) punch(ctx context.Context, setup punch.Setup, hosts, reflexive []
 	default:
 	}
 	c.pathUp(methodOf(res.Technique))
+	if !c.n.cfg.PathCheck.Disabled {
+		c.n.wg.Go(c.watchDirect)
+	}
 	return nil
 }
 
@@ -473,9 +510,11 @@ func (c *Conn) receive(kind byte, payload []byte, from netip.AddrPort, pc net.Pa
 	switch kind {
 	case kindData:
 		b := append([]byte(nil), payload...)
+		c.received.Add(1)
 		select {
 		case c.in <- b:
 		default: // a reader that does not keep up loses datagrams, as with UDP
+			c.dropped.Add(1)
 		}
 	case kindPing:
 		pong := appendFrame(nil, c.sendID, kindPong, nil)
@@ -486,6 +525,8 @@ func (c *Conn) receive(kind byte, payload []byte, from netip.AddrPort, pc net.Pa
 	case kindPong:
 		if via != nil {
 			c.relayConfirmed(from)
+		} else {
+			c.directPong()
 		}
 	}
 }

@@ -69,6 +69,9 @@ type Config struct {
 	// Punch tunes hole punching; its Net, Clock, Logger, Observe and STUNServer are
 	// set by the node.
 	Punch punch.Config
+	// PathCheck tunes the liveness checks on direct paths and the fallback to the
+	// relay; the zero value is the defaults.
+	PathCheck PathCheck
 	// Clock is the time source; nil means the real clock.
 	Clock clock.Clock
 	// Logger receives progress; nil means quiet.
@@ -150,6 +153,7 @@ func Start(ctx context.Context, cfg Config) (*Node, error) {
 		n.det.Close()
 		return nil, fmt.Errorf("connect: main socket: %w", err)
 	}
+	setSocketBuffers(conn)
 	n.main = n.engine.NewMux(conn, mux.Config{Clock: cfg.Clock, Logger: cfg.Logger})
 	fail := func(err error) (*Node, error) {
 		n.Close()
@@ -550,6 +554,20 @@ func skipInterface(name string) bool {
 		}
 	}
 	return false
+}
+
+// socketBuffer is what the main socket asks the kernel for in each direction: a
+// session's bursts at full speed overflow the usual 208 KiB default. The kernel caps it
+// at net.core.rmem_max / wmem_max.
+const socketBuffer = 4 << 20
+
+func setSocketBuffers(pc net.PacketConn) {
+	if s, ok := pc.(interface{ SetReadBuffer(int) error }); ok {
+		s.SetReadBuffer(socketBuffer)
+	}
+	if s, ok := pc.(interface{ SetWriteBuffer(int) error }); ok {
+		s.SetWriteBuffer(socketBuffer)
+	}
 }
 
 func cmpTransport(t relay.Transport) relay.Transport {

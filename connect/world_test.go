@@ -14,6 +14,7 @@ import (
 	"peerlink/identity"
 	"peerlink/nat"
 	"peerlink/natlab"
+	"peerlink/nettype"
 	"peerlink/punch"
 	"peerlink/signal/signaltest"
 	"peerlink/stun"
@@ -98,6 +99,9 @@ type nodeOpts struct {
 	detect  bool // profile the NAT for real instead of using typ
 	noRelay bool
 	loss    float64 // on the NAT's uplink
+	// wrap, when set, wraps the node's network (to cut paths in tests).
+	wrap      func(nettype.PacketListener) nettype.PacketListener
+	pathCheck PathCheck
 }
 
 // node starts a node behind a new NAT of the given type.
@@ -127,8 +131,12 @@ func (w *world) node(name string, o nodeOpts) *Node {
 		t.Fatal(err)
 	}
 	sc := w.sig.DialAs(t, id, nil)
+	var netw nettype.PacketListener = h
+	if o.wrap != nil {
+		netw = o.wrap(h)
+	}
 	cfg := Config{
-		Identity: id, Signal: sc, STUN: w.stun, Net: h, Profile: profile,
+		Identity: id, Signal: sc, STUN: w.stun, Net: netw, Profile: profile, PathCheck: o.pathCheck,
 		LocalIPs: func() ([]netip.Addr, error) { return h.Addrs(), nil },
 		Punch:    punch.Config{Pace: time.Millisecond, ProbeInterval: time.Millisecond, CheckInterval: 20 * time.Millisecond},
 	}

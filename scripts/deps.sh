@@ -17,6 +17,7 @@ check avahi-daemon avahi-daemon
 check avahi-browse avahi-utils
 check dbus-daemon dbus-daemon
 check miniupnpd miniupnpd-nftables
+check iperf3 iperf3
 
 if [ ${#need[@]} -eq 0 ]; then
   exit 0
@@ -38,3 +39,4 @@ pkill -x turnserver >/dev/null 2>&1 || true
 if command -v systemctl >/dev/null 2>&1; then systemctl stop avahi-daemon.socket avahi-daemon >/dev/null 2>&1 || true; fi
 pkill -x avahi-daemon >/dev/null 2>&1 || true
 pkill -x miniupnpd >/dev/null 2>&1 || true
+if command -v systemctl >/dev/null 2>&1; then systemctl stop iperf3 >/dev/null 2>&1 || true; fi

@@ -1,0 +1,32 @@
+package netlab
+
+import (
+	"context"
+	"fmt"
+	"net/netip"
+	"strings"
+)
+
+// Cut makes the site's NAT router drop every packet it would forward to or from the
+// given internet addresses, as a NAT that loses a mapping or a link that fails does,
+// and leaves other traffic alone: cutting a peer's public address kills a punched path
+// while the path through a relay on the server stays up. Cut with no addresses heals
+// the site. Each call replaces the previous one.
+func (s *Site) Cut(ctx context.Context, addrs ...netip.Addr) error {
+	if len(s.Routers) == 0 {
+		return fmt.Errorf("netlab: site %s has no router to cut", s.Name)
+	}
+	return nftApply(ctx, s.Routers[0].NS, cutRules(addrs))
+}
+
+// cutRules replaces the router's fault table, atomically as lossRules does.
+func cutRules(addrs []netip.Addr) string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "table ip %s_fault\ndelete table ip %s_fault\n", table, table)
+	fmt.Fprintf(&b, "table ip %s_fault {\n\tchain forward {\n\t\ttype filter hook forward priority filter - 20; policy accept;\n", table)
+	for _, a := range addrs {
+		fmt.Fprintf(&b, "\t\tip daddr %s drop\n\t\tip saddr %s drop\n", a, a)
+	}
+	b.WriteString("\t}\n}\n")
+	return b.String()
+}

@@ -1,0 +1,350 @@
+package session
+
+import (
+	"context"
+	"encoding/json"
+	"net/http"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/quic-go/quic-go"
+
+	"peerlink/connect"
+	"peerlink/identity"
+	"peerlink/netlab"
+	"peerlink/netlab/netlabtest"
+	"peerlink/relay"
+	"peerlink/signal"
+	"peerlink/stun"
+)
+
+// labSize is how much each kernel-lab transfer moves: 1 GiB with PEERLINK_LONG=1.
+// Under the race detector QUIC is several times slower, so 32 MiB keeps the package
+// within its time budget.
+func labSize() int64 {
+	switch {
+	case os.Getenv("PEERLINK_LONG") == "1":
+		return 1 << 30
+	case raceEnabled:
+		return 32 << 20
+	}
+	return 128 << 20
+}
+
+// labWorld is a kernel lab with what peers need on its server: STUN, rendezvous, and
+// peerlink's relay (the real binary, in the server's namespace).
+type labWorld struct {
+	l      *netlab.Lab
+	stun   []string
+	sigURL string
+	relay  *connect.RelayConfig
+}
+
+func startLab(t testing.TB, sites []netlab.SiteConfig) *labWorld {
+	t.Helper()
+	l := netlabtest.Start(t, netlab.Config{Sites: sites})
+	ip1, ip2 := l.Server.IPs[0], l.Server.IPs[1]
+	s, err := stun.Listen(context.Background(), stun.Config{Listen: netip.AddrPortFrom(ip1, 3478).String(), AltIP: ip2, AltPort: 3479, Net: l.Server, RateLimit: stun.RateLimit{Disabled: true}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	go s.Serve(context.Background())
+	t.Cleanup(func() { s.Close() })
+
+	srv, err := signal.NewServer(signal.Config{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := l.Server.Listen(context.Background(), "tcp", netip.AddrPortFrom(ip2, 443).String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	hs := &http.Server{Handler: srv}
+	go hs.Serve(ln)
+	t.Cleanup(func() { hs.Close(); srv.Close() })
+
+	bin := filepath.Join(t.TempDir(), "peerlink")
+	if out, err := exec.Command("go", "build", "-o", bin, "peerlink/cmd/peerlink").CombinedOutput(); err != nil {
+		t.Fatalf("building peerlink: %v\n%s", err, out)
+	}
+	relayAddr := netip.AddrPortFrom(ip1, 3600).String()
+	cmd := l.Server.Command(context.Background(), bin, "relay", "--listen", relayAddr, "--relay-ip", ip1.String(), "--user", "peer:secret")
+	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	rc := &connect.RelayConfig{Server: relayAddr, Username: "peer", Password: "secret"}
+	for deadline := time.Now().Add(10 * time.Second); ; {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		c, err := relay.Dial(ctx, relay.ClientConfig{Server: rc.Server, Username: rc.Username, Password: rc.Password, Listener: l.Server})
+		cancel()
+		if err == nil {
+			c.Close()
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the lab's relay never allocated: %v", err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	return &labWorld{l: l, stun: []string{netip.AddrPortFrom(ip1, 3478).String()}, sigURL: "ws://" + netip.AddrPortFrom(ip2, 443).String(), relay: rc}
+}
+
+func (w *labWorld) node(t testing.TB, h *netlab.Host) *node {
+	t.Helper()
+	id, err := identity.Generate()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	sc, err := signal.Dial(ctx, w.sigURL, id, &signal.Options{DialContext: h.DialContext})
+	if err != nil {
+		t.Fatalf("%s: signaling: %v", h.Name, err)
+	}
+	t.Cleanup(func() { sc.Close() })
+	n, err := connect.Start(ctx, connect.Config{Identity: id, Signal: sc, STUN: w.stun, Relay: w.relay, Net: h, DialContext: h.DialContext,
+		LocalIPs: func() ([]netip.Addr, error) { return h.IPs, nil }})
+	if err != nil {
+		t.Fatalf("%s: %v", h.Name, err)
+	}
+	t.Cleanup(func() { n.Close() })
+	if err := n.WaitRelay(ctx); err != nil {
+		t.Fatalf("%s: relay: %v", h.Name, err)
+	}
+	return &node{Node: n, id: id}
+}
+
+// TestKernelLab runs sessions through real kernel NATs: a punched transfer between two
+// port-restricted NATs, a relayed one between two symmetric NATs, and a punched one
+// whose direct path is cut half way.
+func TestKernelLab(t *testing.T) {
+	netlabtest.Need(t)
+	w := startLab(t, []netlab.SiteConfig{
+		{Name: "pr-1", Kind: netlab.KindPortRestricted}, {Name: "pr-2", Kind: netlab.KindPortRestricted},
+		{Name: "sym-1", Kind: netlab.KindSymmetric}, {Name: "sym-2", Kind: netlab.KindSymmetric},
+	})
+	nodes := map[string]*node{}
+	var mu sync.Mutex
+	var wg sync.WaitGroup
+	for _, s := range w.l.Sites {
+		wg.Go(func() {
+			n := w.node(t, s.Host())
+			mu.Lock()
+			nodes[s.Name] = n
+			mu.Unlock()
+		})
+	}
+	wg.Wait()
+	if t.Failed() {
+		t.FailNow()
+	}
+	size := labSize()
+
+	for _, tt := range []struct {
+		name, a, b string
+		method     connect.Method
+	}{
+		{"port-restricted pair punched", "pr-1", "pr-2", connect.MethodPunched},
+		{"symmetric pair relayed", "sym-1", "sym-2", connect.MethodRelayed},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			a, b := nodes[tt.a], nodes[tt.b]
+			ca, cb := connPair(t, a, b, tt.method)
+			sa, sb := sessionPair(t, ca, cb, a.id, b.id)
+			mbps := transfer(t, sa, sb, size, 1)
+			if sa.Method() != tt.method {
+				t.Errorf("method %v after the transfer, want %v", sa.Method(), tt.method)
+			}
+			t.Logf("%s: %d MiB, sha256 equal, %.0f Mbit/s (race detector %v); %+v", tt.name, size>>20, mbps, raceEnabled, sa.Stats())
+			logUDPErrors(t, w.l.Site(tt.a).Host(), w.l.Site(tt.b).Host())
+			sa.Close()
+			sb.Close()
+		})
+	}
+
+	t.Run("direct path cut mid-transfer", func(t *testing.T) {
+		a, b := nodes["pr-1"], nodes["pr-2"]
+		ca, cb := connPair(t, a, b, connect.MethodPunched)
+		sa, sb := sessionPair(t, ca, cb, a.id, b.id)
+		site := w.l.Site("pr-1")
+		peerIP := w.l.Site("pr-2").PublicIP
+		moved := make(chan time.Duration, 1)
+		go func() {
+			time.Sleep(time.Second)
+			if err := site.Cut(context.Background(), peerIP); err != nil {
+				t.Errorf("cut: %v", err)
+			}
+			start := time.Now()
+			for (ca.Method() != connect.MethodRelayed || cb.Method() != connect.MethodRelayed) && time.Since(start) < 15*time.Second {
+				time.Sleep(10 * time.Millisecond)
+			}
+			moved <- time.Since(start)
+		}()
+		defer site.Cut(context.Background())
+		// Paced so that it lasts past the cut and the move whatever the machine's speed.
+		mbps := pacedTransfer(t, sa, sb, 24<<20, 2, 250*time.Millisecond)
+		took := <-moved
+		if ca.Method() != connect.MethodRelayed || cb.Method() != connect.MethodRelayed {
+			t.Fatalf("after the cut: %v / %v, want relayed on both", ca.Method(), cb.Method())
+		}
+		if took > 5*time.Second {
+			t.Errorf("moving to the relay took %v, want within 5 s", took)
+		}
+		t.Logf("cut the direct path 1 s in: both sides relayed %v later; 24 MiB intact at %.0f Mbit/s; %+v", took.Round(time.Millisecond), mbps, sa.Stats())
+		sa.Close()
+		sb.Close()
+	})
+}
+
+// BenchmarkKernelLabVsIperf3 measures a session stream from a host behind a
+// port-restricted NAT to a public host against iperf3 over the same kernel-lab path:
+// TCP, UDP at full speed with QUIC-sized datagrams, and QUIC straight on the hosts'
+// sockets. The figures are reported as metrics (Mbit/s, and the session's share of
+// iperf3 TCP in percent).
+func BenchmarkKernelLabVsIperf3(b *testing.B) {
+	netlabtest.Need(b)
+	if _, err := exec.LookPath("iperf3"); err != nil {
+		b.Skip("iperf3 is not installed (apt-get install -y iperf3)")
+	}
+	w := startLab(b, []netlab.SiteConfig{{Name: "pr-1", Kind: netlab.KindPortRestricted}, {Name: "pub", Kind: netlab.KindNone}})
+	var pr, pub *node
+	var wg sync.WaitGroup
+	wg.Go(func() { pr = w.node(b, w.l.Site("pr-1").Host()) })
+	wg.Go(func() { pub = w.node(b, w.l.Site("pub").Host()) })
+	wg.Wait()
+	if b.Failed() {
+		b.FailNow()
+	}
+	size := labSize()
+	client, server := w.l.Site("pr-1").Host(), w.l.Site("pub").Host()
+	var mbps, tcp, udp, raw float64
+	for b.Loop() {
+		ca, cb := connPair(b, pr, pub, connect.MethodDirect)
+		sa, sb := sessionPair(b, ca, cb, pr.id, pub.id)
+		mbps = transfer(b, sa, sb, size, 5)
+		b.Logf("sender %+v\nreceiver %+v\nreceiver's connection %+v", sa.Stats(), sb.Stats(), cb.Stats())
+		sa.Close()
+		sb.Close()
+		tcp = iperf3(b, client, server, false)
+		udp = iperf3(b, client, server, true)
+		raw = rawQUIC(b, client, server, size)
+	}
+	b.ReportMetric(mbps, "session-Mbit/s")
+	b.ReportMetric(tcp, "iperf3-tcp-Mbit/s")
+	b.ReportMetric(udp, "iperf3-udp-Mbit/s")
+	b.ReportMetric(raw, "quic-raw-Mbit/s")
+	b.ReportMetric(100*mbps/tcp, "%-of-tcp")
+	b.Logf("pr-1 → pub through a port-restricted NAT, %d MiB: session stream %.0f Mbit/s; iperf3 TCP %.0f Mbit/s (session %.0f%% of it); "+
+		"iperf3 UDP unlimited %.0f Mbit/s delivered; QUIC alone on the hosts' UDP sockets %.0f Mbit/s (session %.0f%% of it); race detector %v",
+		size>>20, mbps, tcp, 100*mbps/tcp, udp, raw, 100*mbps/raw, raceEnabled)
+}
+
+// rawQUIC is the same transfer by QUIC straight on the hosts' UDP sockets, without
+// connect under it: what QUIC itself manages on the path, with the kernel's UDP
+// offloads (GSO) that a socket of its own allows.
+func rawQUIC(t testing.TB, client, server *netlab.Host, size int64) float64 {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	idc, _ := identity.Generate()
+	ids, _ := identity.Generate()
+	spc, err := server.ListenPacket(ctx, "udp4", netip.AddrPortFrom(server.IP(), 4433).String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	cpc, err := client.ListenPacket(ctx, "udp4", "0.0.0.0:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	str, ctr := &quic.Transport{Conn: spc}, &quic.Transport{Conn: cpc}
+	defer func() { str.Close(); ctr.Close(); spc.Close(); cpc.Close() }()
+	stc, _ := tlsConfig(ids, newVerifier(idc.NodeID()), true)
+	ctc, _ := tlsConfig(idc, newVerifier(ids.NodeID()), false)
+	qcfg := &quic.Config{MaxStreamReceiveWindow: 16 << 20, MaxConnectionReceiveWindow: 32 << 20}
+	ln, err := str.Listen(stc, qcfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	accepted := make(chan *quic.Conn, 1)
+	go func() {
+		c, _ := ln.Accept(ctx)
+		accepted <- c
+	}()
+	cc, err := ctr.Dial(ctx, spc.LocalAddr(), ctc, qcfg)
+	if err != nil {
+		t.Fatalf("raw QUIC dial: %v", err)
+	}
+	sc := <-accepted
+	if sc == nil {
+		t.Fatal("raw QUIC: nothing accepted")
+	}
+	defer cc.CloseWithError(0, "")
+	defer sc.CloseWithError(0, "")
+	return transfer(t, &Session{qc: cc}, &Session{qc: sc}, size, 6)
+}
+
+// iperf3 runs iperf3 from client to server for 3 s, over TCP or UDP at no rate limit,
+// and returns the receiver-side throughput in Mbit/s.
+func iperf3(t testing.TB, client, server *netlab.Host, udp bool) float64 {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	srv := server.Command(ctx, "iperf3", "-s", "-1", "-B", server.IP().String(), "-p", "5201")
+	if err := srv.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer srv.Wait()
+	args := []string{"-c", server.IP().String(), "-p", "5201", "-t", "3", "-J"}
+	if udp {
+		args = append(args, "-u", "-b", "0", "-l", "1280")
+	}
+	var out []byte
+	var err error
+	var r struct {
+		End struct {
+			SumReceived struct {
+				BitsPerSecond float64 `json:"bits_per_second"`
+			} `json:"sum_received"`
+			Sum struct { // UDP: the receiver's figure
+				BitsPerSecond float64 `json:"bits_per_second"`
+				LostPercent   float64 `json:"lost_percent"`
+			} `json:"sum"`
+		} `json:"end"`
+	}
+	for range 50 {
+		out, err = client.Command(ctx, "iperf3", args...).Output()
+		if err == nil && json.Unmarshal(out, &r) == nil && (r.End.SumReceived.BitsPerSecond > 0 || r.End.Sum.BitsPerSecond > 0) {
+			break
+		}
+		time.Sleep(100 * time.Millisecond) // the server not listening yet
+	}
+	bps := r.End.SumReceived.BitsPerSecond
+	if udp {
+		bps = r.End.Sum.BitsPerSecond * (1 - r.End.Sum.LostPercent/100)
+	}
+	if bps == 0 {
+		srv.Process.Kill()
+		t.Fatalf("iperf3: %v\n%s", err, out)
+	}
+	return bps / 1e6
+}
+
+// logUDPErrors logs the hosts' UDP receive-buffer drops, with PEERLINK_LAB_DEBUG set:
+// where a slow transfer loses its packets.
+func logUDPErrors(t *testing.T, hosts ...*netlab.Host) {
+	if os.Getenv("PEERLINK_LAB_DEBUG") == "" {
+		return
+	}
+	for _, h := range hosts {
+		out, err := h.Run(context.Background(), "cat", "/proc/net/snmp")
+		t.Logf("%s: %v\n%s", h.Name, err, out)
+	}
+}
