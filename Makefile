@@ -5,7 +5,7 @@ GO        ?= go
 FUZZTIME  ?= 5s
 ROOT      := $(shell id -u)
 
-.PHONY: test deps check unit fuzz-smoke bench-smoke fuzz build selftest lab-down
+.PHONY: test deps check unit fuzz-smoke bench-smoke fuzz build selftest lab-down bench
 
 test: deps check unit fuzz-smoke bench-smoke
 	@if [ "$(ROOT)" != "0" ]; then echo "NOTE: not root: the kernel NAT lab tests were skipped (run 'sudo make test' for them)."; fi
@@ -35,6 +35,11 @@ bench-smoke:
 
 fuzz:
 	@FUZZTIME=2m ./scripts/fuzz.sh
+
+# Measures peerlink against coturn and the machine's limit (BENCHMARKS.md); the kernel
+# lab sections need root. -quick, -only SECTIONS and -json are passed with BENCHFLAGS.
+bench:
+	$(GO) run ./internal/cmd/bench $(BENCHFLAGS)
 
 selftest: build
 	./bin/peerlink lab selftest

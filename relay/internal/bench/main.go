@@ -20,9 +20,11 @@ import (
 	"bytes"
 	"cmp"
 	"context"
+	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
+	"io"
 	"math/rand/v2"
 	"net"
 	"os"
@@ -52,11 +54,49 @@ func main() {
 	runs := flag.Int("runs", 3, "runs per configuration and server; the table shows medians")
 	modes := flag.String("modes", "c2c,peer", "c2c (uclient -y) and/or peer (uclient to turnutils_peer), comma-separated")
 	idle := flag.Int("idle", 2000, "idle allocations for the memory measurement (0 skips it)")
+	flag.IntVar(&idleRuns, "idle-runs", 1, "idle memory measurements per server, each on a fresh server")
+	flag.StringVar(&peerlinkBin, "peerlink", "", "peerlink binary (default: build ./cmd/peerlink)")
+	flag.BoolVar(&jsonOut, "json", false, "print every run and the idle memory as JSON on stdout (the text goes to stderr)")
 	flag.Parse()
+	if jsonOut {
+		stdout = os.Stderr
+	}
 	if err := run(*modes, *sessions, *pace, *msgs, *size, *runs, *idle); err != nil {
 		fmt.Fprintln(os.Stderr, "bench:", err)
 		os.Exit(1)
 	}
+}
+
+var (
+	peerlinkBin string
+	jsonOut     bool
+	idleRuns    int
+	stdout      io.Writer = os.Stdout // the text report; stderr under -json
+)
+
+// jsonRun is one uclient run in the -json output.
+type jsonRun struct {
+	Server     string  `json:"server"`
+	Mode       string  `json:"mode"`
+	Sessions   string  `json:"sessions"`
+	Pace       string  `json:"paceMs"`
+	Sent       int     `json:"sent"`
+	Received   int     `json:"received"`
+	Seconds    float64 `json:"seconds"`
+	CPUSeconds float64 `json:"cpuSeconds"`
+	MsgsPerSec float64 `json:"msgsPerSec"`
+	PerCPUs    float64 `json:"msgsPerCPUSecond"`
+	LossPct    float64 `json:"lossPercent"`
+}
+
+// jsonReport is what -json prints: every run, so that a caller can take its own medians.
+type jsonReport struct {
+	Coturn     string               `json:"coturnVersion"`
+	Size       int                  `json:"size"`
+	Messages   int                  `json:"messagesPerSession"`
+	Runs       []jsonRun            `json:"runs"`
+	IdleAllocs int                  `json:"idleAllocations"`
+	IdleBytes  map[string][]float64 `json:"idleBytesPerAllocation,omitempty"` // one per -idle-runs
 }
 
 // server is a running relay under test.
@@ -89,10 +129,13 @@ func run(modeList, sessionList, paceList string, msgs, size, runs, idle int) err
 		return err
 	}
 	defer os.RemoveAll(dir)
-	bin := filepath.Join(dir, "peerlink")
-	fmt.Fprintln(os.Stderr, "building peerlink...")
-	if out, err := exec.Command("go", "build", "-o", bin, "peerlink/cmd/peerlink").CombinedOutput(); err != nil {
-		return fmt.Errorf("go build: %v\n%s", err, out)
+	bin := peerlinkBin
+	if bin == "" {
+		bin = filepath.Join(dir, "peerlink")
+		fmt.Fprintln(os.Stderr, "building peerlink...")
+		if out, err := exec.Command("go", "build", "-o", bin, "peerlink/cmd/peerlink").CombinedOutput(); err != nil {
+			return fmt.Errorf("go build: %v\n%s", err, out)
+		}
 	}
 
 	pl, err := startPeerlink(bin, dir)
@@ -148,11 +191,16 @@ func run(modeList, sessionList, paceList string, msgs, size, runs, idle int) err
 		}
 	}
 
-	fmt.Printf("peerlink relay vs coturn %s, on %d CPUs: turnutils_uclient -l %d -n %d, median of %d runs each\n",
+	rep := jsonReport{Coturn: strings.TrimSpace(string(version)), Size: size, Messages: msgs, IdleAllocs: idle}
+	for _, r := range rows {
+		rep.Runs = append(rep.Runs, jsonRun{Server: r.server, Mode: r.mode, Sessions: r.sessions, Pace: r.pace, Sent: r.sent, Received: r.recv,
+			Seconds: r.transmit, CPUSeconds: r.cpu, MsgsPerSec: r.rate(), PerCPUs: r.perCPU(), LossPct: r.loss()})
+	}
+	fmt.Fprintf(stdout, "peerlink relay vs coturn %s, on %d CPUs: turnutils_uclient -l %d -n %d, median of %d runs each\n",
 		strings.TrimSpace(string(version)), runtime.NumCPU(), size, msgs, runs)
-	fmt.Println("c2c: uclient -y (clients relay to each other); peer: uclient -c -e to turnutils_peer (echo)")
-	fmt.Println()
-	w := tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', tabwriter.AlignRight)
+	fmt.Fprintln(stdout, "c2c: uclient -y (clients relay to each other); peer: uclient -c -e to turnutils_peer (echo)")
+	fmt.Fprintln(stdout)
+	w := tabwriter.NewWriter(stdout, 0, 0, 2, ' ', tabwriter.AlignRight)
 	fmt.Fprintln(w, "mode\t-z ms\tsessions\tserver\trelayed msgs\tmsgs/s\tserver CPU s\tmsgs per CPU-s\tloss %\t")
 	for _, mode := range strings.Split(modeList, ",") {
 		for _, z := range strings.Split(paceList, ",") {
@@ -173,22 +221,29 @@ func run(modeList, sessionList, paceList string, msgs, size, runs, idle int) err
 		// Fresh servers: after the load runs, heap the runtime keeps would hide growth.
 		pl.stop()
 		ct.stop()
-		fmt.Println()
-		for _, start := range []func() (*server, error){
-			func() (*server, error) { return startPeerlink(bin, dir) },
-			func() (*server, error) { return startCoturn(dir) },
-		} {
-			s, err := start()
-			if err != nil {
-				return err
+		fmt.Fprintln(stdout)
+		rep.IdleBytes = map[string][]float64{}
+		for range max(1, idleRuns) {
+			for _, start := range []func() (*server, error){
+				func() (*server, error) { return startPeerlink(bin, dir) },
+				func() (*server, error) { return startCoturn(dir) },
+			} {
+				s, err := start()
+				if err != nil {
+					return err
+				}
+				per, err := idleMemory(s, idle)
+				s.stop()
+				if err != nil {
+					return fmt.Errorf("%s idle memory: %w", s.name, err)
+				}
+				rep.IdleBytes[s.name] = append(rep.IdleBytes[s.name], per)
+				fmt.Fprintf(stdout, "idle allocation, %s: %.1f KiB of server RSS each (%d allocations on a fresh server)\n", s.name, per/1024, idle)
 			}
-			per, err := idleMemory(s, idle)
-			s.stop()
-			if err != nil {
-				return fmt.Errorf("%s idle memory: %w", s.name, err)
-			}
-			fmt.Printf("idle allocation, %s: %.1f KiB of server RSS each (%d allocations on a fresh server)\n", s.name, per/1024, idle)
 		}
+	}
+	if jsonOut {
+		return json.NewEncoder(os.Stdout).Encode(rep)
 	}
 	return nil
 }

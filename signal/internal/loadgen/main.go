@@ -61,7 +61,11 @@ func main() {
 	idle := flag.Duration("idle", 3*time.Second, "settle time before measuring idle memory")
 	cpuProfile := flag.String("server-cpuprofile", "", "server role: write a CPU profile of the routing phase here")
 	serverLog := flag.Bool("server-log", false, "server logs connection events (debug level) to stderr")
+	flag.BoolVar(&jsonOut, "json", false, "print the figures as JSON on stdout (the text goes to stderr)")
 	flag.Parse()
+	if jsonOut {
+		out = os.Stderr
+	}
 	raiseFDLimit()
 	if *role == "server" {
 		serve(*listen, *skipVerify, *cpuProfile, *serverLog)
@@ -89,6 +93,31 @@ func raiseFDLimit() {
 	}
 	l.Cur = want
 	syscall.Setrlimit(syscall.RLIMIT_NOFILE, &l)
+}
+
+var (
+	jsonOut bool
+	out     io.Writer = os.Stdout // the text report; stderr under -json
+)
+
+// jsonReport is what -json prints on stdout. Memory and CPU figures are zero with -url.
+type jsonReport struct {
+	Clients           int     `json:"clients"`
+	Held              int64   `json:"held"` // authenticated clients the server held when idle
+	ConnectSeconds    float64 `json:"connectSeconds"`
+	RSSPerClient      float64 `json:"rssBytesPerClient"`
+	HeapPerClient     float64 `json:"heapBytesPerClient"`
+	Sent              int64   `json:"sent"`
+	Delivered         int64   `json:"delivered"`
+	RouteSeconds      float64 `json:"routeSeconds"`
+	DeliveredPerSec   float64 `json:"deliveredPerSec"`
+	ServerCPUSeconds  float64 `json:"serverCPUSeconds"`
+	RoutedPerCPUs     float64 `json:"routedPerCPUSecond"`
+	StillConnected    int64   `json:"stillConnected"`
+	VerifiedSignature int64   `json:"verifiedSignatures"`
+	BadSignatures     int64   `json:"badSignatures"`
+	Lost              int64   `json:"lost"`            // sent but not delivered
+	ConnectionsLost   int64   `json:"connectionsLost"` // connections that ended during the run
 }
 
 // serverStats is what the server role reports on /loadgen/stats.
@@ -215,7 +244,8 @@ func load(url string, n, rate int, duration time.Duration, dialers, senders, ver
 		statsURL = "http://" + addr + "/loadgen/stats"
 		profileURL = "http://" + addr + "/loadgen/profile"
 	}
-	fmt.Printf("loadgen: %d clients, %d msg/s offered for %v, server %s (server verifies signatures: %v)\n", n, rate, duration, url, !skipVerify)
+	rep := jsonReport{Clients: n}
+	fmt.Fprintf(out, "loadgen: %d clients, %d msg/s offered for %v, server %s (server verifies signatures: %v)\n", n, rate, duration, url, !skipVerify)
 	base, _ := getStats(statsURL, true)
 
 	// Identities first: key generation is the clients' cost, not the server's.
@@ -253,7 +283,8 @@ func load(url string, n, rate int, duration time.Duration, dialers, senders, ver
 	if f := failed.Load(); f > 0 {
 		return fmt.Errorf("%d of %d clients failed to connect (first: %v)", f, n, firstErr.Load())
 	}
-	fmt.Printf("connect: %d clients authenticated in %v (%.0f/s)\n", n, connectTime.Round(time.Millisecond), float64(n)/connectTime.Seconds())
+	rep.ConnectSeconds = connectTime.Seconds()
+	fmt.Fprintf(out, "connect: %d clients authenticated in %v (%.0f/s)\n", n, connectTime.Round(time.Millisecond), float64(n)/connectTime.Seconds())
 
 	var readers sync.WaitGroup
 	for _, c := range cl {
@@ -264,9 +295,12 @@ func load(url string, n, rate int, duration time.Duration, dialers, senders, ver
 	if statsURL != "" {
 		st, err := getStats(statsURL, true)
 		if err == nil {
-			fmt.Printf("server idle: %d connections, %d goroutines, RSS %.1f MiB (+%.1f MiB), heap in use %.1f MiB (+%.1f MiB)\n",
+			rep.Held = st.Authed
+			rep.RSSPerClient = float64(st.RSS-base.RSS) / float64(n)
+			rep.HeapPerClient = float64(int64(st.HeapInuse)-int64(base.HeapInuse)) / float64(n)
+			fmt.Fprintf(out, "server idle: %d connections, %d goroutines, RSS %.1f MiB (+%.1f MiB), heap in use %.1f MiB (+%.1f MiB)\n",
 				st.Authed, st.Goroutines, mib(st.RSS), mib(st.RSS-base.RSS), mib(int64(st.HeapInuse)), mib(int64(st.HeapInuse)-int64(base.HeapInuse)))
-			fmt.Printf("memory per idle client: %.1f KiB RSS, %.1f KiB Go heap\n",
+			fmt.Fprintf(out, "memory per idle client: %.1f KiB RSS, %.1f KiB Go heap\n",
 				float64(st.RSS-base.RSS)/1024/float64(n), float64(int64(st.HeapInuse)-int64(base.HeapInuse))/1024/float64(n))
 		}
 	}
@@ -291,7 +325,7 @@ func load(url string, n, rate int, duration time.Duration, dialers, senders, ver
 	}
 	close(sw)
 	wg.Wait()
-	fmt.Printf("pre-signed %d messages in %v\n", per*n, time.Since(signStart).Round(time.Millisecond))
+	fmt.Fprintf(out, "pre-signed %d messages in %v\n", per*n, time.Since(signStart).Round(time.Millisecond))
 
 	before, _ := getStats(statsURL, false)
 	if cpuProfile != "" && profileURL != "" {
@@ -349,10 +383,14 @@ func load(url string, n, rate int, duration time.Duration, dialers, senders, ver
 	}
 	wg.Wait()
 	sendTime := time.Since(routeStart)
-	// Let the last messages arrive.
+	// Let the last messages arrive: unpaced (-rate 0), the server may still be working
+	// through a backlog, so wait as long as deliveries progress, and 5 s after the last.
 	deadline := time.Now().Add(5 * time.Second)
-	for cnt.received.Load()-recv0 < sent.Load() && time.Now().Before(deadline) {
+	for last := cnt.received.Load(); last-recv0 < sent.Load() && time.Now().Before(deadline); {
 		time.Sleep(10 * time.Millisecond)
+		if now := cnt.received.Load(); now > last {
+			last, deadline = now, time.Now().Add(5*time.Second)
+		}
 	}
 	elapsed := time.Since(routeStart)
 	after, _ := getStats(statsURL, false)
@@ -360,24 +398,39 @@ func load(url string, n, rate int, duration time.Duration, dialers, senders, ver
 		http.Get(profileURL + "?stop")
 	}
 	received := cnt.received.Load() - recv0
-	fmt.Printf("routing: sent %d in %v, acknowledged %d, delivered %d (%.0f msg/s delivered over %v)\n",
+	rep.Sent, rep.Delivered, rep.RouteSeconds = sent.Load(), received, elapsed.Seconds()
+	rep.DeliveredPerSec = float64(received) / elapsed.Seconds()
+	rep.VerifiedSignature, rep.BadSignatures = cnt.verified.Load(), cnt.badSig.Load()
+	fmt.Fprintf(out, "routing: sent %d in %v, acknowledged %d, delivered %d (%.0f msg/s delivered over %v)\n",
 		sent.Load(), sendTime.Round(time.Millisecond), cnt.acks.Load(), received, float64(received)/elapsed.Seconds(), elapsed.Round(time.Millisecond))
-	fmt.Printf("receivers verified %d signatures, %d bad\n", cnt.verified.Load(), cnt.badSig.Load())
+	fmt.Fprintf(out, "receivers verified %d signatures, %d bad\n", cnt.verified.Load(), cnt.badSig.Load())
 	if statsURL != "" {
 		cpu := float64(after.CPU-before.CPU) / 1e6
-		fmt.Printf("server: routed %d, errors %d, CPU %.2f s over %.2f s (%.0f%% of one core, %.1f µs per message); %d clients still connected, %d closed for abuse\n",
+		rep.ServerCPUSeconds, rep.StillConnected = cpu, after.Authed
+		if cpu > 0 {
+			rep.RoutedPerCPUs = float64(after.Routed-before.Routed) / cpu
+		}
+		fmt.Fprintf(out, "server: routed %d, errors %d, CPU %.2f s over %.2f s (%.0f%% of one core, %.1f µs per message); %d clients still connected, %d closed for abuse\n",
 			after.Routed-before.Routed, after.Errors-before.Errors, cpu, elapsed.Seconds(), 100*cpu/elapsed.Seconds(), cpu*1e6/float64(max(1, after.Routed-before.Routed)), after.Authed, after.Abusive)
 	}
 	if len(cnt.errs) > 0 {
-		fmt.Printf("errors: %v\n", cnt.errs)
+		fmt.Fprintf(out, "errors: %v\n", cnt.errs)
 	}
-	if l := cnt.lost.Load(); l > 0 {
-		fmt.Printf("connections lost during the run: %d\n", l)
+	rep.ConnectionsLost = cnt.lost.Load() // before the clients close below
+	if l := rep.ConnectionsLost; l > 0 {
+		fmt.Fprintf(out, "connections lost during the run: %d\n", l)
 	}
 	for _, c := range cl {
 		c.ws.CloseNow()
 	}
 	readers.Wait()
+	rep.Lost = sent.Load() - received
+	if jsonOut {
+		// Even when the run failed below: the figures say how far it got.
+		if err := json.NewEncoder(os.Stdout).Encode(rep); err != nil {
+			return err
+		}
+	}
 	if received < sent.Load() || cnt.badSig.Load() > 0 {
 		return fmt.Errorf("lost %d messages, %d bad signatures", sent.Load()-received, cnt.badSig.Load())
 	}

@@ -2,25 +2,32 @@
 package main
 
 import (
+	"bufio"
 	"context"
 	"encoding/binary"
+	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
 	"hash/crc32"
+	"io"
 	"net"
 	"net/netip"
 	"os"
 	"os/exec"
+	"os/signal"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"golang.org/x/net/ipv4"
+	"golang.org/x/sys/unix"
 
 	"peerlink/internal/coturn"
 	"peerlink/stun"
@@ -47,6 +54,29 @@ type result struct {
 	rps, rpc float64 // requests per second, per CPU-second
 }
 
+// jsonRound is one measured run in the -json output.
+type jsonRound struct {
+	Round      int     `json:"round"`
+	Server     string  `json:"server"`
+	Answers    uint64  `json:"answers"`
+	Lost       uint64  `json:"lost"`
+	Seconds    float64 `json:"seconds"`
+	CPUSeconds float64 `json:"cpuSeconds"`
+	ReqPerSec  float64 `json:"reqPerSec"`
+	ReqPerCPUs float64 `json:"reqPerCPUSecond"`
+}
+
+// jsonReport is what -json prints on stdout: the setup and every run, so that a caller
+// can take its own medians.
+type jsonReport struct {
+	Sockets int         `json:"sockets"`
+	Window  int         `json:"window"`
+	Seconds float64     `json:"seconds"`
+	CPUs    int         `json:"cpus"`
+	Servers []string    `json:"servers"`
+	Rounds  []jsonRound `json:"rounds"`
+}
+
 // run starts peerlink's server and coturn as child processes on loopback, drives each in
 // turn with the same sockets and window of Binding requests, and prints requests per
 // second and requests per second of server CPU, read from /proc/<pid>/stat so that only
@@ -63,8 +93,19 @@ func run() error {
 		window      = flag.Int("window", 16, "requests in flight per socket")
 		only        = flag.String("only", "", "run only this server: peerlink or coturn")
 		serverArgs  = flag.String("peerlink-args", "--rate 1e9 --burst 1e9", "extra flags for peerlink stun (the default keeps the rate limiter in the path without limiting)")
+		echo        = flag.Bool("echo", false, "also measure a minimal batched UDP echo server, the raw limit of this machine's UDP path")
+		jsonOut     = flag.Bool("json", false, "print every run as JSON on stdout (the text goes to stderr)")
+		role        = flag.String("role", "load", "load, or echo: be the echo server (used by -echo)")
+		listen      = flag.String("listen", "127.0.0.1:0", "echo role: address to listen on")
 	)
 	flag.Parse()
+	if *role == "echo" {
+		return serveEcho(*listen)
+	}
+	out := io.Writer(os.Stdout)
+	if *jsonOut {
+		out = os.Stderr
+	}
 	ctx := context.Background()
 	dir, err := os.MkdirTemp("", "peerlink-loadgen")
 	if err != nil {
@@ -114,8 +155,23 @@ func run() error {
 			targets = append(targets, target{"coturn", srv.Pid(), netip.AddrPortFrom(lo, port)})
 		}
 	}
+	if *echo {
+		cmd, addr, err := startEcho()
+		if err != nil {
+			return err
+		}
+		defer func() { cmd.Process.Signal(os.Interrupt); cmd.Wait() }()
+		if err := waitReady(addr); err != nil {
+			return fmt.Errorf("echo server: %w", err)
+		}
+		targets = append(targets, target{"echo", cmd.Process.Pid, addr})
+	}
+	rep := jsonReport{Sockets: *sockets, Window: *window, Seconds: duration.Seconds(), CPUs: numCPU()}
+	for _, tg := range targets {
+		rep.Servers = append(rep.Servers, tg.name)
+	}
 
-	fmt.Printf("loadgen: %d sockets x %d in flight, %v per run after %v warm-up, %d rounds; %d CPUs\n",
+	fmt.Fprintf(out, "loadgen: %d sockets x %d in flight, %v per run after %v warm-up, %d rounds; %d CPUs\n",
 		*sockets, *window, *duration, *warmup, *rounds, numCPU())
 	results := map[string][]result{}
 	for r := range *rounds {
@@ -125,20 +181,129 @@ func run() error {
 				return fmt.Errorf("%s: %w", tg.name, err)
 			}
 			results[tg.name] = append(results[tg.name], res)
-			fmt.Printf("round %d %-8s %9.0f req/s  %9.0f req/CPU-s  (server CPU %.2f cores, %d answers, %d lost)\n",
+			rep.Rounds = append(rep.Rounds, jsonRound{Round: r + 1, Server: tg.name, Answers: res.answers, Lost: res.lost,
+				Seconds: res.elapsed.Seconds(), CPUSeconds: res.cpu.Seconds(), ReqPerSec: res.rps, ReqPerCPUs: res.rpc})
+			fmt.Fprintf(out, "round %d %-8s %9.0f req/s  %9.0f req/CPU-s  (server CPU %.2f cores, %d answers, %d lost)\n",
 				r+1, tg.name, res.rps, res.rpc, res.cpu.Seconds()/res.elapsed.Seconds(), res.answers, res.lost)
 		}
 	}
-	fmt.Println("median:")
+	fmt.Fprintln(out, "median:")
 	med := map[string]result{}
 	for _, tg := range targets {
 		med[tg.name] = median(results[tg.name])
-		fmt.Printf("  %-8s %9.0f req/s  %9.0f req/CPU-s\n", tg.name, med[tg.name].rps, med[tg.name].rpc)
+		fmt.Fprintf(out, "  %-8s %9.0f req/s  %9.0f req/CPU-s\n", tg.name, med[tg.name].rps, med[tg.name].rpc)
 	}
 	if p, c := med["peerlink"], med["coturn"]; p.rps > 0 && c.rps > 0 {
-		fmt.Printf("peerlink/coturn: %.2fx req/s, %.2fx req/CPU-s\n", p.rps/c.rps, p.rpc/c.rpc)
+		fmt.Fprintf(out, "peerlink/coturn: %.2fx req/s, %.2fx req/CPU-s\n", p.rps/c.rps, p.rpc/c.rpc)
+	}
+	if *jsonOut {
+		return json.NewEncoder(os.Stdout).Encode(rep)
 	}
 	return nil
+}
+
+// startEcho runs this program as the echo server, a child process so that its CPU time
+// is its own, and returns its address.
+func startEcho() (*exec.Cmd, netip.AddrPort, error) {
+	exe, err := os.Executable()
+	if err != nil {
+		return nil, netip.AddrPort{}, err
+	}
+	cmd := exec.Command(exe, "-role", "echo")
+	cmd.Stderr = os.Stderr
+	pipe, err := cmd.StdoutPipe()
+	if err != nil {
+		return nil, netip.AddrPort{}, err
+	}
+	if err := cmd.Start(); err != nil {
+		return nil, netip.AddrPort{}, err
+	}
+	line, err := bufio.NewReader(pipe).ReadString('\n')
+	addr, perr := netip.ParseAddrPort(strings.TrimSpace(strings.TrimPrefix(line, "LISTEN ")))
+	if err != nil || perr != nil {
+		cmd.Process.Kill()
+		cmd.Wait()
+		return nil, netip.AddrPort{}, fmt.Errorf("echo server did not start: %q", line)
+	}
+	go io.Copy(io.Discard, pipe)
+	return cmd, addr, nil
+}
+
+// serveEcho is the raw limit: GOMAXPROCS SO_REUSEPORT sockets, as peerlink's server has,
+// each answering batches (recvmmsg, sendmmsg) with the datagram it got, its first two
+// bytes made a Binding success type so the load generator counts it. Nothing is parsed.
+func serveEcho(listen string) error {
+	lc := net.ListenConfig{Control: func(_, _ string, c syscall.RawConn) error {
+		var serr error
+		if err := c.Control(func(fd uintptr) {
+			serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_REUSEPORT, 1)
+		}); err != nil {
+			return err
+		}
+		return serr
+	}}
+	// A port free without SO_REUSEPORT, so no other process's socket joins ours.
+	probe, err := net.ListenPacket("udp4", listen)
+	if err != nil {
+		return err
+	}
+	addr := probe.LocalAddr().String()
+	probe.Close()
+	n := runtime.GOMAXPROCS(0)
+	conns := make([]net.PacketConn, n)
+	for i := range conns {
+		if conns[i], err = lc.ListenPacket(context.Background(), "udp4", addr); err != nil {
+			return err
+		}
+	}
+	fmt.Printf("LISTEN %s\n", addr)
+	var wg sync.WaitGroup
+	for _, c := range conns {
+		wg.Go(func() { echoLoop(ipv4.NewPacketConn(c)) })
+	}
+	sig := make(chan os.Signal, 1)
+	signal.Notify(sig, os.Interrupt, syscall.SIGTERM)
+	<-sig
+	for _, c := range conns {
+		c.Close()
+	}
+	wg.Wait()
+	return nil
+}
+
+func echoLoop(pc *ipv4.PacketConn) {
+	const batch = 64
+	ms := make([]ipv4.Message, batch)
+	for k := range ms {
+		ms[k].Buffers = [][]byte{make([]byte, 1500)}
+	}
+	out := make([]ipv4.Message, batch)
+	for k := range out {
+		out[k].Buffers = make([][]byte, 1)
+	}
+	for {
+		n, err := pc.ReadBatch(ms, 0)
+		if err != nil {
+			return
+		}
+		m := 0
+		for k := range n {
+			b := ms[k].Buffers[0][:ms[k].N]
+			if len(b) < 2 {
+				continue
+			}
+			b[0], b[1] = 0x01, 0x01
+			out[m].Buffers[0], out[m].Addr = b, ms[k].Addr
+			m++
+		}
+		for sent := 0; sent < m; {
+			w, err := pc.WriteBatch(out[sent:m], 0)
+			if err != nil {
+				return
+			}
+			sent += w
+		}
+	}
 }
 
 func median(rs []result) result {
