@@ -30,8 +30,10 @@ func TestTURNCredentialsCoturn(t *testing.T) {
 	}
 	port := pc.LocalAddr().(*net.UDPAddr).Port
 	pc.Close()
+	// UDP only: a TCP listener on the same port could find it taken (the port was free
+	// for UDP), and coturn then never starts serving.
 	cmd := exec.Command(bin, "-n", "--listening-ip=127.0.0.1", "--relay-ip=127.0.0.1", fmt.Sprintf("--listening-port=%d", port),
-		"--no-tls", "--no-dtls", "--no-cli", "--use-auth-secret", "--static-auth-secret="+secret, "--realm=peerlink.test",
+		"--no-tls", "--no-dtls", "--no-tcp", "--no-cli", "--use-auth-secret", "--static-auth-secret="+secret, "--realm=peerlink.test",
 		"--log-file=stdout", "--simple-log", "--pidfile="+t.TempDir()+"/turn.pid", "--userdb="+t.TempDir()+"/turndb")
 	var out bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &out
