@@ -27,6 +27,7 @@ func commands() map[string]command {
 	return map[string]command{
 		"agent":      {"run a node that accepts connections and echoes datagrams (the other end of connect)", runAgent},
 		"demo":       {"run peerlink end to end in an emulated internet: NAT profiles and a who-connects-how matrix", runDemo},
+		"cat":        {"netcat across NATs: stdin and stdout over an encrypted stream to a node", runCat},
 		"connect":    {"connect to a node and report how: method, technique, time to first byte", runConnect},
 		"id":         {"print this node's NodeID (creating its identity on first use)", runID},
 		"lab":        {"build, test and tear down the kernel NAT lab (root)", runLab},
