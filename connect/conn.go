@@ -29,6 +29,11 @@ const (
 	kindData = 0
 	kindPing = 1
 	kindPong = 2
+	// LAN handshake (lan.go): hello and its answer travel with connection ID zero; bye
+	// ends a LAN connection, which has no signaling to say it with.
+	kindHello    = 3
+	kindHelloAck = 4
+	kindBye      = 5
 )
 
 func appendFrame(b []byte, id uint64, kind byte, payload []byte) []byte {
@@ -104,6 +109,11 @@ type Conn struct {
 	pongs        int
 
 	received, dropped atomic.Uint64
+
+	// lan is set on connections made by the LAN handshake; acks are its answers, for
+	// the initiator.
+	lan  bool
+	acks chan lanAnswer
 }
 
 func newConn(n *Node, peer identity.NodeID, session string, initiator bool, opts Options, key []byte) *Conn {
@@ -205,9 +215,14 @@ func (c *Conn) Close() error {
 		return nil
 	default:
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
-	c.n.sig.Send(ctx, &signal.Message{Type: signal.TypeBye, To: c.peer, Session: c.session, Bye: &signal.Bye{Reason: "closed"}})
-	cancel()
+	if c.lan {
+		c.sendLANBye()
+	}
+	if c.n.sig != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		c.n.sig.Send(ctx, &signal.Message{Type: signal.TypeBye, To: c.peer, Session: c.session, Bye: &signal.Bye{Reason: "closed"}})
+		cancel()
+	}
 	c.closeWith(ErrClosed)
 	return nil
 }
@@ -527,6 +542,10 @@ func (c *Conn) receive(kind byte, payload []byte, from netip.AddrPort, pc net.Pa
 			c.relayConfirmed(from)
 		} else {
 			c.directPong()
+		}
+	case kindBye:
+		if c.lan {
+			c.closeWith(fmt.Errorf("%w: peer said bye", ErrClosed))
 		}
 	}
 }

@@ -43,15 +43,22 @@ type RelayConfig struct {
 	TLSConfig *tls.Config
 }
 
-// Config configures a Node. Identity, Signal and STUN are required.
+// Config configures a Node. Identity, Signal and STUN are required, unless LAN is set:
+// then Signal and STUN are optional and a node that has neither (or whose rendezvous
+// server or STUN servers do not answer) still connects to peers on its own link.
 type Config struct {
 	// Identity is the node's key; it signs signaling and keys the checks.
 	Identity *identity.Identity
 	// Signal is a connected rendezvous client for Identity. The node reads its incoming
 	// messages, so nothing else may call its Recv; the caller closes it after the node.
+	// Nil (allowed only with LAN) means LAN-only.
 	Signal *signal.Client
-	// STUN lists the STUN observers ("host:port"), an RFC 5780 server first.
+	// STUN lists the STUN observers ("host:port"), an RFC 5780 server first. Empty
+	// (allowed only with LAN) means the NAT is not profiled.
 	STUN []string
+	// LAN, when set, makes the node findable on its link over mDNS and has Connect look
+	// for the target there first and connect to it directly; nil means no LAN discovery.
+	LAN *LANConfig
 	// Relay, when set, is the relay the node falls back to (and starts on: relay-first).
 	Relay *RelayConfig
 	// Net opens every UDP socket; nil means the host's network.
@@ -106,6 +113,8 @@ type Node struct {
 	sessions map[string]*Conn
 	closed   bool
 
+	lan *lanState // nil without Config.LAN
+
 	accept chan *Conn
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -115,10 +124,10 @@ type Node struct {
 // Start opens the node's socket, profiles its NAT, publishes how to reach it and starts
 // accepting connections.
 func Start(ctx context.Context, cfg Config) (*Node, error) {
-	if cfg.Identity == nil || cfg.Signal == nil {
-		return nil, errors.New("connect: Config needs Identity and Signal")
+	if cfg.Identity == nil || (cfg.Signal == nil && cfg.LAN == nil) {
+		return nil, errors.New("connect: Config needs Identity and Signal (or LAN)")
 	}
-	if len(cfg.STUN) == 0 {
+	if len(cfg.STUN) == 0 && cfg.LAN == nil {
 		return nil, fmt.Errorf("connect: %w: Config.STUN is empty", ErrNoObservers)
 	}
 	n := &Node{
@@ -137,9 +146,13 @@ func Start(ctx context.Context, cfg Config) (*Node, error) {
 	// The detector recognises "no NAT" from every local address, loopback included;
 	// candidates leave some out, so it gets its own list unless one was given.
 	n.det = detect.New(detect.Config{Observers: cfg.STUN, Net: n.net, LocalIPs: cfg.LocalIPs, Clock: cfg.Clock, Logger: cfg.Logger})
-	stunSrv, err := netip.ParseAddrPort(cfg.STUN[0])
-	if err != nil {
-		return nil, fmt.Errorf("connect: STUN observer %q must be ip:port: %w", cfg.STUN[0], err)
+	var stunSrv netip.AddrPort
+	if len(cfg.STUN) > 0 {
+		var err error
+		if stunSrv, err = netip.ParseAddrPort(cfg.STUN[0]); err != nil {
+			n.det.Close()
+			return nil, fmt.Errorf("connect: STUN observer %q must be ip:port: %w", cfg.STUN[0], err)
+		}
 	}
 	pc := cfg.Punch
 	pc.Net, pc.Clock, pc.Logger, pc.Observe, pc.STUNServer = n.net, cfg.Clock, cfg.Logger, n.det.AddObservation, stunSrv
@@ -160,17 +173,26 @@ func Start(ctx context.Context, cfg Config) (*Node, error) {
 		return nil, err
 	}
 
-	if cfg.Profile != nil {
+	switch {
+	case cfg.Profile != nil:
 		n.profile = *cfg.Profile
-	} else {
+	case len(cfg.STUN) == 0:
+		// LAN-only: peers on the link need no profile.
+	default:
 		p, err := n.det.Detect(ctx, detect.Options{})
-		if err != nil && !p.UDPBlocked {
+		switch {
+		case err == nil || p.UDPBlocked:
+			n.profile = p
+		case cfg.LAN != nil:
+			// No STUN server answers (no internet, say): the link still works.
+			n.log.Warn("connect: NAT profiling failed; going on for the LAN", "err", err)
+		default:
 			return fail(fmt.Errorf("connect: profiling the NAT: %w", err))
 		}
-		n.profile = p
 	}
-	if !n.profile.UDPBlocked {
+	if !n.profile.UDPBlocked && stunSrv.IsValid() {
 		bctx, cancel := context.WithTimeout(ctx, 3*time.Second)
+		var err error
 		n.srflx, err = n.main.Binding(bctx, stunSrv, 200*time.Millisecond)
 		cancel()
 		if err != nil {
@@ -185,7 +207,12 @@ func Start(ctx context.Context, cfg Config) (*Node, error) {
 			n.hosts = append(n.hosts, netip.AddrPortFrom(ip, n.main.LocalAddr().Port()))
 		}
 	}
-	if cfg.Relay != nil {
+	if cfg.LAN != nil {
+		if err := n.startLAN(ctx); err != nil {
+			return fail(err)
+		}
+	}
+	if cfg.Relay != nil && n.sig != nil {
 		// Relay-first: allocate now, in the background, so that an allocation is
 		// usually ready before anyone connects, and a relay that is down does not
 		// hold up the start. Connect waits for this attempt if it is still going.
@@ -210,11 +237,18 @@ func Start(ctx context.Context, cfg Config) (*Node, error) {
 	} else {
 		close(n.relayDone)
 	}
-	if err := n.sig.Publish(ctx, n.info()); err != nil {
-		return fail(fmt.Errorf("connect: publishing: %w", err))
+	if n.sig != nil {
+		if err := n.sig.Publish(ctx, n.info()); err != nil {
+			if cfg.LAN == nil {
+				return fail(fmt.Errorf("connect: publishing: %w", err))
+			}
+			n.log.Warn("connect: publishing failed; only peers on the LAN can connect", "err", err)
+		}
 	}
 	close(n.published)
-	n.wg.Go(n.signalLoop)
+	if n.sig != nil {
+		n.wg.Go(n.signalLoop)
+	}
 	n.wg.Go(func() { n.dataLoop(n.main.Data(), nil) })
 	n.log.Info("connect: node up", "node", n.id.NodeID().Short(), "profile", n.profile.String(), "reflexive", n.srflx)
 	return n, nil
@@ -280,6 +314,10 @@ func (n *Node) ensureRelay(ctx context.Context) (*relay.Conn, error) {
 		return nil, n.relayErr // failed moments ago: do not make every connection wait again
 	}
 	user, pass := rc.Username, rc.Password
+	if user == "" && n.sig == nil {
+		n.relayErr, n.relayFailed = fmt.Errorf("%w: TURN credentials need a rendezvous server", ErrNoRelay), n.clock.Now()
+		return nil, n.relayErr
+	}
 	if user == "" {
 		cred, err := n.sig.TURNCredentials(ctx)
 		if err != nil {
@@ -329,7 +367,7 @@ func (n *Node) Connect(ctx context.Context, target identity.NodeID, opts Options
 	for range max(opts.MaxAttempts, 1) {
 		var c *Conn
 		c, err = n.connectOnce(ctx, target, opts)
-		if err == nil || errors.Is(err, ErrPeerOffline) || errors.Is(err, ErrSymmetricNAT) || errors.Is(err, ErrClosed) || ctx.Err() != nil {
+		if err == nil || errors.Is(err, ErrPeerOffline) || errors.Is(err, ErrSymmetricNAT) || errors.Is(err, ErrPeerMismatch) || errors.Is(err, ErrClosed) || ctx.Err() != nil {
 			return c, err
 		}
 		n.log.Debug("connect: attempt failed, retrying", "peer", target.Short(), "err", err)
@@ -340,6 +378,13 @@ func (n *Node) Connect(ctx context.Context, target identity.NodeID, opts Options
 func (n *Node) connectOnce(ctx context.Context, target identity.NodeID, opts Options) (*Conn, error) {
 	ctx, cancel := context.WithTimeout(ctx, opts.timeout())
 	defer cancel()
+	if n.lan != nil && !(opts.NoDirect && !opts.NoRelay) {
+		c, err := n.connectLAN(ctx, target, opts)
+		if err == nil || n.sig == nil || errors.Is(err, ErrClosed) {
+			return c, err
+		}
+		n.log.Debug("connect: not over the LAN, trying the rendezvous server", "peer", target.Short(), "err", err)
+	}
 	session := newSession()
 	c, err := n.newConn(target, session, true, opts)
 	if err != nil {
@@ -420,6 +465,9 @@ func (n *Node) Close() error {
 	}
 	n.relayMu.Unlock()
 	n.det.Close()
+	if n.lan != nil {
+		n.lan.close()
+	}
 	n.wg.Wait()
 	return nil
 }
@@ -472,6 +520,13 @@ func (n *Node) dataLoop(pc net.PacketConn, via *relay.Conn) {
 		if !ok {
 			continue
 		}
+		if id == 0 {
+			// Connection ID zero: LAN handshakes, which come before any connection.
+			if n.lan != nil && via == nil {
+				n.lanFrame(kind, payload, addrPortOf(from), pc)
+			}
+			continue
+		}
 		n.mu.Lock()
 		c := n.conns[id]
 		n.mu.Unlock()
@@ -482,11 +537,19 @@ func (n *Node) dataLoop(pc net.PacketConn, via *relay.Conn) {
 }
 
 func (n *Node) newConn(peer identity.NodeID, session string, initiator bool, opts Options) (*Conn, error) {
+	return n.newConnWith(peer, session, initiator, opts, nil)
+}
+
+// newConnWith is newConn with setup run on the connection before anything can find it.
+func (n *Node) newConnWith(peer identity.NodeID, session string, initiator bool, opts Options, setup func(*Conn)) (*Conn, error) {
 	key, err := n.id.SharedKey(peer, []byte(session), 48)
 	if err != nil {
 		return nil, err
 	}
 	c := newConn(n, peer, session, initiator, opts, key)
+	if setup != nil {
+		setup(c)
+	}
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	if n.closed {

@@ -102,6 +102,7 @@ type nodeOpts struct {
 	// wrap, when set, wraps the node's network (to cut paths in tests).
 	wrap      func(nettype.PacketListener) nettype.PacketListener
 	pathCheck PathCheck
+	lan       *LANConfig
 }
 
 // node starts a node behind a new NAT of the given type.
@@ -136,7 +137,7 @@ func (w *world) node(name string, o nodeOpts) *Node {
 		netw = o.wrap(h)
 	}
 	cfg := Config{
-		Identity: id, Signal: sc, STUN: w.stun, Net: netw, Profile: profile, PathCheck: o.pathCheck,
+		Identity: id, Signal: sc, STUN: w.stun, Net: netw, Profile: profile, PathCheck: o.pathCheck, LAN: o.lan,
 		LocalIPs: func() ([]netip.Addr, error) { return h.Addrs(), nil },
 		Punch:    punch.Config{Pace: time.Millisecond, ProbeInterval: time.Millisecond, CheckInterval: 20 * time.Millisecond},
 	}
