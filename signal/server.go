@@ -1,6 +1,7 @@
 package signal
 
 import (
+	"bufio"
 	"cmp"
 	"context"
 	"crypto/rand"
@@ -13,6 +14,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"os"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -261,11 +263,21 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	s.mu.Unlock()
 	defer s.wg.Done()
 
-	ws, err := websocket.Accept(w, r, &websocket.AcceptOptions{
+	hw := &hijackWriter{ResponseWriter: w, timeout: s.cfg.WriteTimeout}
+	var heard atomic.Int64 // unix nanoseconds of the last frame or pong from the client
+	heard.Store(s.clock.Now().UnixNano())
+	ws, err := websocket.Accept(hw, r, &websocket.AcceptOptions{
 		Subprotocols: []string{Subprotocol},
 		// Clients prove who they are by signature, not by cookies, so a page on any
 		// origin may connect.
 		InsecureSkipVerify: true,
+		OnPingReceived: func(context.Context, []byte) bool {
+			// The library answers with a pong on the reader; give that write the same
+			// bound as ours, since the deadline is never cleared.
+			hw.extendWriteDeadline(s.cfg.WriteTimeout)
+			return true
+		},
+		OnPongReceived: func(context.Context, []byte) { heard.Store(s.clock.Now().UnixNano()) },
 	})
 	if err != nil {
 		s.log.Debug("websocket accept failed", "remote", r.RemoteAddr, "err", err)
@@ -277,6 +289,7 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	ws.SetReadLimit(int64(s.cfg.MaxFrame))
 	c := s.newConn(ws, cmp.Or(s.cfg.AuthHost, r.Host), r.RemoteAddr)
+	c.raw, c.heard = hw, &heard
 	s.mu.Lock()
 	if s.closed {
 		s.mu.Unlock()
@@ -295,6 +308,8 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 type conn struct {
 	s      *Server
 	ws     *websocket.Conn
+	raw    *hijackWriter // the hijacked transport, for write deadlines
+	heard  *atomic.Int64 // when the client was last heard from (frame or pong)
 	host   string
 	remote string
 	nonce  string
@@ -393,6 +408,7 @@ func (c *conn) serve() {
 			c.s.log.Debug("connection ended", "remote", c.remote, "node", c.id.Short(), "err", err)
 			return
 		}
+		c.heard.Store(c.s.clock.Now().UnixNano())
 		if c.failed.Load() {
 			continue // closing: drain until the close handshake ends the read
 		}
@@ -429,6 +445,15 @@ func (c *conn) cleanup() {
 	}
 }
 
+// testHookWriterStall, when set, runs before each frame the writer sends: tests use it
+// to stand in for a writer goroutine the scheduler leaves waiting on a busy machine.
+var testHookWriterStall func()
+
+// writeLoop owns all writes. Writes are bounded by a deadline on the transport, never by
+// a context: coder/websocket closes the connection from a timer when a write's context
+// ends mid-write, and on a starved machine that timer fires while the writer merely waits
+// for a CPU after its bytes went out, silently dropping a client that reads fine. A
+// transport deadline only fails a write the kernel could not take in time.
 func (c *conn) writeLoop() {
 	defer close(c.writerDone)
 	var ping <-chan time.Time
@@ -437,13 +462,21 @@ func (c *conn) writeLoop() {
 		defer t.Stop()
 		ping = t.C
 	}
+	pingCtx, stopPing := context.WithCancel(context.Background())
+	var pinger sync.WaitGroup
+	var pinging atomic.Bool
+	defer func() {
+		stopPing()
+		pinger.Wait()
+	}()
 	for {
 		select {
 		case f := <-c.out:
-			ctx, cancel := context.WithTimeout(context.Background(), c.s.cfg.WriteTimeout)
-			err := c.ws.Write(ctx, websocket.MessageText, f)
-			cancel()
-			if err != nil {
+			if testHookWriterStall != nil {
+				testHookWriterStall()
+			}
+			c.raw.extendWriteDeadline(c.s.cfg.WriteTimeout)
+			if err := c.ws.Write(context.Background(), websocket.MessageText, f); err != nil {
 				c.s.log.Debug("write failed", "remote", c.remote, "node", c.id.Short(), "err", err)
 				c.ws.CloseNow()
 				return
@@ -452,14 +485,25 @@ func (c *conn) writeLoop() {
 			c.closeWith(req)
 			return
 		case <-ping:
-			ctx, cancel := context.WithTimeout(context.Background(), c.s.cfg.WriteTimeout)
-			err := c.ws.Ping(ctx)
-			cancel()
-			if err != nil {
-				c.s.log.Debug("ping failed", "remote", c.remote, "node", c.id.Short(), "err", err)
+			// Liveness is judged by what the reader has seen, not by waiting for a
+			// pong here: a loaded server may read the pong late, and waiting would
+			// stall every frame queued behind the ping.
+			silent := c.s.clock.Now().Sub(time.Unix(0, c.heard.Load()))
+			if silent > 2*c.s.cfg.PingInterval {
+				c.s.log.Debug("ping timeout", "remote", c.remote, "node", c.id.Short(), "silent", silent)
 				c.ws.CloseNow()
 				return
 			}
+			if pinging.Swap(true) {
+				continue // the last pong is still due
+			}
+			c.raw.extendWriteDeadline(c.s.cfg.WriteTimeout)
+			pinger.Go(func() {
+				defer pinging.Store(false)
+				// The pong itself is recorded by OnPongReceived; an error here is a
+				// closed connection, which the reader reports.
+				c.ws.Ping(pingCtx)
+			})
 		}
 	}
 }
@@ -468,8 +512,8 @@ func (c *conn) writeLoop() {
 // rate_limited errors before a too_many_errors), sends the reason and closes. One
 // WriteTimeout bounds the whole flush, so a client that stopped reading cannot hold it.
 func (c *conn) closeWith(req closeReq) {
-	ctx, cancel := context.WithTimeout(context.Background(), c.s.cfg.WriteTimeout)
-	defer cancel()
+	c.raw.extendWriteDeadline(c.s.cfg.WriteTimeout)
+	ctx := context.Background()
 	ok := true
 	for ok {
 		select {
@@ -487,6 +531,61 @@ func (c *conn) closeWith(req closeReq) {
 		reason = string(req.err.Code)
 	}
 	c.ws.Close(req.status, reason)
+}
+
+// hijackWriter keeps the transport coder/websocket hijacks, so writes can carry a
+// deadline on it.
+type hijackWriter struct {
+	http.ResponseWriter
+	timeout time.Duration // a patientConn's second chance
+	mu      sync.Mutex
+	conn    net.Conn
+}
+
+func (h *hijackWriter) Hijack() (net.Conn, *bufio.ReadWriter, error) {
+	nc, brw, err := http.NewResponseController(h.ResponseWriter).Hijack()
+	if err != nil {
+		return nc, brw, err
+	}
+	if _, isTLS := nc.(*tls.Conn); !isTLS {
+		// A TLS connection is broken by its first write timeout, so only plain
+		// transports get a second chance.
+		nc = &patientConn{Conn: nc, again: h.timeout}
+	}
+	h.mu.Lock()
+	h.conn = nc
+	h.mu.Unlock()
+	return nc, brw, nil
+}
+
+// patientConn gives a write that hit its deadline one more timeout before failing it. The
+// deadline is wall-clock time, so on a saturated machine it can pass while the writer
+// waits for a CPU before it ever reaches the kernel; a client that really stopped reading
+// still fails the second try, having had at most twice the timeout.
+type patientConn struct {
+	net.Conn
+	again time.Duration
+}
+
+func (p *patientConn) Write(b []byte) (int, error) {
+	n, err := p.Conn.Write(b)
+	if err != nil && errors.Is(err, os.ErrDeadlineExceeded) && p.again > 0 {
+		p.Conn.SetWriteDeadline(time.Now().Add(p.again))
+		m, err2 := p.Conn.Write(b[n:])
+		return n + m, err2
+	}
+	return n, err
+}
+
+// extendWriteDeadline bounds the writes starting now. The deadline is never cleared:
+// every write, including the library's pongs, moves it forward first.
+func (h *hijackWriter) extendWriteDeadline(d time.Duration) {
+	h.mu.Lock()
+	nc := h.conn
+	h.mu.Unlock()
+	if nc != nil {
+		nc.SetWriteDeadline(time.Now().Add(d))
+	}
 }
 
 // send queues a frame for the client, dropping it if the queue is full: the reader must
