@@ -42,6 +42,7 @@ Examples:
   peerlink agent --server ws://rv.example:8080/ --stun 198.51.100.2:3478
   peerlink agent --relay relay.example:3478 --relay-user alice --json
   PEERLINK_SERVER=wss://rv.example/ PEERLINK_STUN=198.51.100.2:3478 peerlink agent
+  peerlink agent --lan      # found over mDNS on the local network, no servers needed
 
 Flags:
 `)
@@ -147,7 +148,11 @@ func (a *agent) serve(ctx context.Context, first bool) (up bool, err error) {
 	if err != nil {
 		return false, err
 	}
-	defer sig.Close()
+	var sigDone <-chan struct{} // nil (never ready) on the local network only
+	if sig != nil {
+		defer sig.Close()
+		sigDone = sig.Done()
+	}
 	node, err := a.nf.startNode(ctx, a.id, sig, a.log)
 	if err != nil {
 		return false, err
@@ -170,7 +175,7 @@ func (a *agent) serve(ctx context.Context, first bool) (up bool, err error) {
 	if first {
 		a.emit(agentEvent{Event: "ready", Node: a.id.NodeID().String(), Server: a.nf.server, Profile: &prof, Candidates: cands},
 			fmt.Sprintf("node: %s\nprofile: %s\ncandidates: %s\naccepting connections via %s (Ctrl-C to stop)",
-				a.id.NodeID(), prof, strings.Join(cands, ", "), a.nf.server))
+				a.id.NodeID(), prof, strings.Join(cands, ", "), cmpOr(a.nf.server, "the local network (mDNS)")))
 	} else {
 		a.emit(agentEvent{Event: "reconnected", Node: a.id.NodeID().String(), Server: a.nf.server, Profile: &prof, Candidates: cands},
 			fmt.Sprintf("%s reconnected to %s; profile: %s", stamp(), a.nf.server, prof))
@@ -189,7 +194,7 @@ func (a *agent) serve(ctx context.Context, first bool) (up bool, err error) {
 	})
 	select {
 	case <-ctx.Done():
-	case <-sig.Done():
+	case <-sigDone:
 		err = fmt.Errorf("rendezvous connection lost: %w", sig.Err())
 	}
 	// The connections say goodbye to their peers before the node and its signaling go.

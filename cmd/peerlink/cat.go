@@ -79,7 +79,9 @@ Flags:
 	if err != nil {
 		return err
 	}
-	defer sig.Close()
+	if sig != nil {
+		defer sig.Close()
+	}
 	node, err := nf.startNode(ctx, id, sig, log)
 	if err != nil {
 		return err

@@ -36,6 +36,7 @@ type nodeFlags struct {
 	relayPass      string
 	relayTransport string
 	relayAuto      bool // relay was found in the rendezvous server's registry
+	lan            bool // find and be found on the local link over mDNS
 	json           bool
 	verbose        bool
 }
@@ -48,6 +49,7 @@ func (f *nodeFlags) register(fs *flag.FlagSet) {
 	fs.StringVar(&f.relayUser, "relay-user", "", "relay user name (default $PEERLINK_RELAY_USER; none: short-lived credentials from the rendezvous server)")
 	fs.StringVar(&f.relayPass, "relay-pass", "", "relay password (default $PEERLINK_RELAY_PASS, which keeps it out of the process list)")
 	fs.StringVar(&f.relayTransport, "relay-transport", "udp", "how to reach the relay: udp, tcp or tls")
+	fs.BoolVar(&f.lan, "lan", false, "find and be found by nodes on the local network over mDNS, with or without a rendezvous server (default $PEERLINK_LAN=1)")
 	fs.BoolVar(&f.json, "json", false, "print results as JSON")
 	fs.BoolVar(&f.verbose, "v", false, "debug logging on stderr")
 }
@@ -59,6 +61,7 @@ func (f *nodeFlags) resolve() error {
 	f.relay = cmpOr(f.relay, os.Getenv("PEERLINK_RELAY"))
 	f.relayUser = cmpOr(f.relayUser, os.Getenv("PEERLINK_RELAY_USER"))
 	f.relayPass = cmpOr(f.relayPass, os.Getenv("PEERLINK_RELAY_PASS"))
+	f.lan = f.lan || os.Getenv("PEERLINK_LAN") == "1"
 	if len(f.stun) == 0 {
 		for s := range strings.SplitSeq(os.Getenv("PEERLINK_STUN"), ",") {
 			if s = strings.TrimSpace(s); s != "" {
@@ -67,9 +70,9 @@ func (f *nodeFlags) resolve() error {
 		}
 	}
 	switch {
-	case f.server == "":
-		return fmt.Errorf("%w: no rendezvous server: pass --server URL or set PEERLINK_SERVER (run 'peerlink rendezvous' for one)", errUsage)
-	case len(f.stun) == 0:
+	case f.server == "" && !f.lan:
+		return fmt.Errorf("%w: no rendezvous server: pass --server URL or set PEERLINK_SERVER (run 'peerlink rendezvous' for one), or --lan for the local network only", errUsage)
+	case len(f.stun) == 0 && !f.lan:
 		return fmt.Errorf("%w: no STUN servers: pass --stun HOST:PORT or set PEERLINK_STUN (run 'peerlink stun' for one)", errUsage)
 	case f.relayUser != "" && f.relayPass == "":
 		return fmt.Errorf("%w: --relay-user needs --relay-pass (or PEERLINK_RELAY_PASS)", errUsage)
@@ -108,7 +111,13 @@ func (f *nodeFlags) logger(stderr io.Writer) *slog.Logger {
 }
 
 // dial connects to the rendezvous server.
+//
+// With --lan and no --server it returns a nil client: the node is on the local network
+// only.
 func (f *nodeFlags) dial(ctx context.Context, id *identity.Identity, log *slog.Logger) (*signal.Client, error) {
+	if f.server == "" && f.lan {
+		return nil, nil
+	}
 	dctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
 	sig, err := signal.Dial(dctx, f.server, id, &signal.Options{Logger: log})
@@ -125,7 +134,10 @@ func (f *nodeFlags) startNode(ctx context.Context, id *identity.Identity, sig *s
 		return nil, err
 	}
 	cfg := connect.Config{Identity: id, Signal: sig, STUN: stunAddrs, Logger: log}
-	if f.relay == "" {
+	if f.lan {
+		cfg.LAN = &connect.LANConfig{}
+	}
+	if f.relay == "" && sig != nil {
 		f.findRelay(ctx, sig, log)
 	}
 	if f.relay != "" && f.relay != "none" {
@@ -184,6 +196,9 @@ func resolveSTUN(ctx context.Context, servers []string) ([]string, error) {
 
 // published is what the rendezvous server holds for node: its profile and candidates.
 func published(ctx context.Context, sig *signal.Client, node identity.NodeID) *signal.ConnectionInfo {
+	if sig == nil {
+		return nil
+	}
 	lctx, cancel := context.WithTimeout(ctx, 3*time.Second)
 	defer cancel()
 	p, err := sig.Lookup(lctx, node)
@@ -277,6 +292,7 @@ Examples:
   peerlink connect --server ws://rv.example:8080/ --stun 198.51.100.2:3478 pl4bq...
   PEERLINK_SERVER=wss://rv.example/ PEERLINK_STUN=198.51.100.2:3478 peerlink connect --json pl4bq...
   peerlink connect --relay relay.example:3478 --no-direct pl4bq...
+  peerlink connect --lan pl4bq...          # a node on the local network, found over mDNS
 
 Flags:
 `)
@@ -360,15 +376,21 @@ func (c *connector) run(ctx context.Context) (string, error) {
 	if err != nil {
 		return "rendezvous_unreachable", err
 	}
-	defer sig.Close()
-	c.progress("rendezvous: %s as %s", c.nf.server, c.id.NodeID().Short())
-
-	// An offline peer fails at once, before the NAT profiling that would only delay it.
-	lctx, cancel := context.WithTimeout(ctx, 3*time.Second)
-	peer, lerr := sig.Lookup(lctx, c.target)
-	cancel()
-	if errors.Is(lerr, signal.ErrNotFound) || (lerr == nil && !peer.Online) {
-		return "peer_offline", c.offline()
+	var peer *signal.Peer
+	lerr := errors.New("no rendezvous server")
+	if sig != nil {
+		defer sig.Close()
+		c.progress("rendezvous: %s as %s", c.nf.server, c.id.NodeID().Short())
+		// An offline peer fails at once, before the NAT profiling that would only delay
+		// it — unless it may be on the local network.
+		lctx, cancel := context.WithTimeout(ctx, 3*time.Second)
+		peer, lerr = sig.Lookup(lctx, c.target)
+		cancel()
+		if !c.nf.lan && (errors.Is(lerr, signal.ErrNotFound) || (lerr == nil && !peer.Online)) {
+			return "peer_offline", c.offline()
+		}
+	} else {
+		c.progress("local network only (mDNS) as %s", c.id.NodeID().Short())
 	}
 
 	start := time.Now()
