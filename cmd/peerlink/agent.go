@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"strings"
 	"sync"
 	"time"
@@ -23,9 +24,10 @@ func runAgent(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	var nf nodeFlags
 	nf.register(fs)
 	idle := fs.Duration("idle", 5*time.Minute, "close a connection that carries nothing for this long")
+	httpAddr := fs.String("http", "", "serve the agent's status (GET /api/status, JSON) and Prometheus /metrics on this address, e.g. 127.0.0.1:7474")
 	fs.Usage = func() {
 		fmt.Fprint(stderr, `Usage: peerlink agent [--server URL] [--identity FILE] [--stun HOST:PORT ...] [--relay HOST:PORT]
-       [--relay-user U --relay-pass P] [--idle D] [--json]
+       [--relay-user U --relay-pass P] [--idle D] [--lan] [--http ADDR] [--json]
 
 Runs a peerlink node that accepts connections until interrupted: it profiles the NAT,
 publishes its candidates on the rendezvous server, prints its NodeID and profile, and
@@ -67,17 +69,29 @@ Flags:
 	if err != nil {
 		return err
 	}
-	a := &agent{nf: nf, id: id, idle: *idle, stdout: stdout, stderr: stderr, log: nf.logger(stderr)}
+	a := &agent{nf: nf, id: id, idle: *idle, stdout: stdout, stderr: stderr, log: nf.logger(stderr), state: newAgentState()}
+	if *httpAddr != "" {
+		ln, err := net.Listen("tcp", *httpAddr)
+		if err != nil {
+			return fmt.Errorf("agent HTTP API: %w (is --http %s free?)", err, *httpAddr)
+		}
+		hs := a.state.serveHTTP(ln)
+		defer hs.Close()
+		a.httpURL = "http://" + ln.Addr().String() + "/"
+	}
 	return a.run(ctx)
 }
 
 // agent is one run of peerlink agent.
 type agent struct {
-	nf     nodeFlags
-	id     *identity.Identity
-	idle   time.Duration
-	log    *slog.Logger
-	stderr io.Writer
+	nf    nodeFlags
+	id    *identity.Identity
+	idle  time.Duration
+	log   *slog.Logger
+	state *agentState
+	// httpURL is where the HTTP API listens ("" when it does not).
+	httpURL string
+	stderr  io.Writer
 
 	mu     sync.Mutex // serialises output from the connections' goroutines
 	stdout io.Writer
@@ -98,6 +112,7 @@ type agentEvent struct {
 	TimeToDirectMS    *float64     `json:"time_to_direct_ms,omitempty"`
 	Datagrams         *int         `json:"datagrams,omitempty"`
 	Reason            string       `json:"reason,omitempty"`
+	HTTP              string       `json:"http,omitempty"`
 }
 
 // emit prints ev as a JSON line, or text as a line for people.
@@ -172,8 +187,9 @@ func (a *agent) serve(ctx context.Context, first bool) (up bool, err error) {
 		prof = profileOf(own) // with the main socket's reflexive address
 	}
 	cands := candidateStrings(own)
+	a.state.node(a.id.NodeID().String(), a.nf.server, &prof, cands)
 	if first {
-		a.emit(agentEvent{Event: "ready", Node: a.id.NodeID().String(), Server: a.nf.server, Profile: &prof, Candidates: cands},
+		a.emit(agentEvent{Event: "ready", Node: a.id.NodeID().String(), Server: a.nf.server, Profile: &prof, Candidates: cands, HTTP: a.httpURL},
 			fmt.Sprintf("node: %s\nprofile: %s\ncandidates: %s\naccepting connections via %s (Ctrl-C to stop)",
 				a.id.NodeID(), prof, strings.Join(cands, ", "), cmpOr(a.nf.server, "the local network (mDNS)")))
 	} else {
@@ -207,6 +223,8 @@ func (a *agent) serve(ctx context.Context, first bool) (up bool, err error) {
 // connection's life.
 func (a *agent) handle(ctx context.Context, c *connect.Conn) {
 	defer c.Close()
+	a.state.add(c)
+	defer a.state.remove(c)
 	peer := c.Peer()
 	method, st := c.Method(), c.Stats()
 	a.emit(agentEvent{Event: "connected", Peer: peer.String(), Method: method.String(), Technique: c.Technique().String(), TimeToFirstPathMS: ptr(ms(st.FirstPath))},
@@ -231,8 +249,12 @@ func (a *agent) handle(ctx context.Context, c *connect.Conn) {
 			return
 		}
 		n++
-		if err := c.Send(b); err != nil && a.log != nil {
-			a.log.Debug("agent: echo failed", "peer", peer.Short(), "err", err)
+		if err := c.Send(b); err != nil {
+			if a.log != nil {
+				a.log.Debug("agent: echo failed", "peer", peer.Short(), "err", err)
+			}
+		} else {
+			a.state.echoedOne(c)
 		}
 		if m := c.Method(); m != method {
 			method = m
