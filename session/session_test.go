@@ -505,3 +505,36 @@ func TestKeepAlive(t *testing.T) {
 		}
 	}
 }
+
+// TestUDPOutage drops all of one node's UDP — direct path, relay and STUN alike — for
+// 10 s in the middle of a stream transfer: the session outlives it (its idle timeout is
+// longer), the transfer completes intact, and the connection is direct again afterwards.
+func TestUDPOutage(t *testing.T) {
+	w := newWorld(t, 11)
+	pc := connect.PathCheck{Retry: 2 * time.Second}
+	a, b := w.node("a", "ei-pd-pp", pc), w.node("b", "ei-pd-pp", pc)
+	ca, cb := connPair(t, a, b, connect.MethodPunched)
+	sa, sb := sessionPair(t, ca, cb, a.id, b.id)
+
+	outage := make(chan struct{})
+	go func() {
+		defer close(outage)
+		time.Sleep(time.Second)
+		a.cut.all.Store(true)
+		time.Sleep(10 * time.Second)
+		a.cut.all.Store(false)
+	}()
+	start := time.Now()
+	// About 4 s of paced sending: most of it waits out the outage.
+	pacedTransfer(t, sa, sb, 8<<20, 5, 500*time.Millisecond)
+	<-outage
+	if took := time.Since(start); took < 10*time.Second {
+		t.Fatalf("the transfer took %v: it did not cross the 10 s outage", took)
+	}
+	waitMethod(t, ca, connect.MethodPunched, 10*time.Second)
+	transfer(t, sa, sb, 1<<20, 6)
+	if err := sa.Err(); err != nil {
+		t.Errorf("session ended: %v", err)
+	}
+	t.Logf("transfer across the outage took %v; stats %+v", time.Since(start).Round(time.Millisecond), sa.Stats())
+}

@@ -195,6 +195,7 @@ type cutNet struct {
 	h    *natlab.Host
 	keep []netip.Addr
 	on   atomic.Bool
+	all  atomic.Bool // cut keep too: the node's UDP is gone altogether
 }
 
 func (c *cutNet) ListenPacket(ctx context.Context, network, address string) (net.PacketConn, error) {
@@ -206,6 +207,9 @@ func (c *cutNet) ListenPacket(ctx context.Context, network, address string) (net
 }
 
 func (c *cutNet) blocked(a net.Addr) bool {
+	if c.all.Load() {
+		return true
+	}
 	if !c.on.Load() {
 		return false
 	}
