@@ -5,6 +5,7 @@ import (
 	"encoding/csv"
 	"errors"
 	"fmt"
+	"math"
 	"os"
 	"path/filepath"
 	"slices"
@@ -145,8 +146,29 @@ func TestMatrix(t *testing.T) {
 			continue
 		}
 		capable++
-		if float64(tl.ok) < 0.95*float64(tl.runs) {
-			t.Errorf("%s↔%s: %d of %d runs found a path, want ≥95%%:\n  %s", k.a, k.b, tl.ok, tl.runs, strings.Join(tl.errs, "\n  "))
+		// A handful of runs per pair cannot show 95% exactly: a pair fails when its
+		// failures would be this many less than 1% of the time at a 95% success rate.
+		// Each technique's runs together must reach 95% outright (below).
+		if fails := tl.runs - tl.ok; fails > 0 && binomialTail(tl.runs, fails, 0.05) < 0.01 {
+			t.Errorf("%s↔%s: %d of %d runs found a path, not consistent with ≥95%%:\n  %s", k.a, k.b, tl.ok, tl.runs, strings.Join(tl.errs, "\n  "))
+		} else if fails > 0 {
+			t.Logf("%s↔%s: %d of %d runs found a path (within chance at ≥95%%):\n  %s", k.a, k.b, tl.ok, tl.runs, strings.Join(tl.errs, "\n  "))
+		}
+	}
+	byTechnique := map[string][2]int{}
+	for _, r := range rows {
+		if r.capable {
+			v := byTechnique[r.step.Technique.String()]
+			v[0]++
+			if r.ok {
+				v[1]++
+			}
+			byTechnique[r.step.Technique.String()] = v
+		}
+	}
+	for tech, v := range byTechnique {
+		if float64(v[1]) < 0.95*float64(v[0]) {
+			t.Errorf("%s: %d of %d runs found a path, want ≥95%%", tech, v[1], v[0])
 		}
 	}
 	if len(pairs) != 378 || capable != 332 || relay != 46 {
@@ -319,4 +341,29 @@ func writeMatrixCSV(t *testing.T, rows []matrixRow) {
 		t.Fatal(err)
 	}
 	t.Logf("matrix CSV: %s", path)
+}
+
+// binomialTail is the probability of at least k failures in n runs that each fail with
+// probability p.
+func binomialTail(n, k int, p float64) float64 {
+	total := 0.0
+	for i := k; i <= n; i++ {
+		c := 1.0
+		for j := range i {
+			c = c * float64(n-j) / float64(j+1)
+		}
+		total += c * math.Pow(p, float64(i)) * math.Pow(1-p, float64(n-i))
+	}
+	return total
+}
+
+func TestBinomialTail(t *testing.T) {
+	for _, tt := range []struct {
+		n, k int
+		want float64
+	}{{6, 0, 1}, {6, 1, 0.2649}, {6, 2, 0.0328}, {6, 3, 0.0022}, {6, 7, 0}} {
+		if got := binomialTail(tt.n, tt.k, 0.05); math.Abs(got-tt.want) > 0.0001 {
+			t.Errorf("binomialTail(%d, %d, 0.05) = %.4f, want %.4f", tt.n, tt.k, got, tt.want)
+		}
+	}
 }
