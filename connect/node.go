@@ -454,9 +454,14 @@ func (n *Node) Close() error {
 	}
 	n.mu.Unlock()
 	n.cancel()
+	// Each connection says bye, so that its peer's Recv ends at once rather than at a
+	// timeout; at the same time, so that a slow rendezvous server delays Close by one
+	// bye at most.
+	var byes sync.WaitGroup
 	for _, c := range conns {
-		c.closeWith(ErrClosed)
+		byes.Go(func() { c.Close() })
 	}
+	byes.Wait()
 	n.engine.Close()
 	n.main.Close()
 	n.relayMu.Lock()

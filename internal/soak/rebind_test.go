@@ -2,6 +2,7 @@ package soak
 
 import (
 	"context"
+	"errors"
 	"net/netip"
 	"os"
 	"testing"
@@ -114,10 +115,9 @@ func TestRebindRepro(t *testing.T) {
 // connections: the far end of a relayed connection learns nothing (no bye, and the
 // relayed path has no liveness check), so its Recv blocks until its own deadline.
 // Only with PEERLINK_SOAK_REPRO=1.
-func TestNodeCloseRepro(t *testing.T) {
-	if os.Getenv("PEERLINK_SOAK_REPRO") == "" {
-		t.Skip("set PEERLINK_SOAK_REPRO=1 to run")
-	}
+// TestNodeCloseSaysBye: when a node closes, or only one connection, the peer's Recv
+// ends at once with ErrClosed (a bye), not at its timeout.
+func TestNodeCloseSaysBye(t *testing.T) {
 	sig := signaltest.Start(t, signal.Config{}, false)
 	w := newWorld(t, 4, sig)
 	pr := shortParams()
@@ -157,8 +157,12 @@ func TestNodeCloseRepro(t *testing.T) {
 		start := time.Now()
 		_, err = c.Recv(rctx)
 		rcancel()
+		took := time.Since(start)
 		t.Logf("NoDirect=%v, far end closed by %s: Recv returned after %v: %v (method %v)", noDirect,
-			map[bool]string{true: "Conn.Close", false: "Node.Close"}[noDirect], time.Since(start).Round(time.Millisecond), err, c.Method())
+			map[bool]string{true: "Conn.Close", false: "Node.Close"}[noDirect], took.Round(time.Millisecond), err, c.Method())
+		if !errors.Is(err, connect.ErrClosed) || took > 2*time.Second {
+			t.Errorf("NoDirect=%v: Recv after the far end closed: %v after %v, want ErrClosed at once", noDirect, err, took)
+		}
 		c.Close()
 	}
 }
