@@ -112,6 +112,8 @@ func FuzzParseDescription(f *testing.F) {
 	f.Add(`<root><device><serviceList><service><serviceType>`+wanIPService1+`</serviceType><controlURL>http://10.0.0.9/ctl</controlURL></service></serviceList></device></root>`, 2)
 	f.Add(`<root><device>`, 2)
 	f.Add(``, 0)
+	// A negative maxVersion once gave the service a negative version.
+	f.Add(strings.Replace(testDescription, "%s", wanIPService2, 1), -63)
 	loc, _ := url.Parse("http://192.168.1.1:5000/rootDesc.xml")
 	f.Fuzz(func(t *testing.T, doc string, maxV int) {
 		s, err := parseDescription([]byte(doc), loc, maxV)

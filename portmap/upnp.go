@@ -222,8 +222,9 @@ func parseDescription(b []byte, location *url.URL, maxVersion int) (igdService, 
 	rank := func(t string) (int, int) {
 		switch {
 		case t == wanIPService2:
-			// IGDv2 keeps every IGDv1 action, so a v1 client can use it as v1.
-			return 3, min(maxVersion, 2)
+			// IGDv2 keeps every IGDv1 action, so a v1 client can use it as v1;
+			// out-of-range limits are clamped so the version is always 1 or 2.
+			return 3, max(1, min(maxVersion, 2))
 		case t == wanIPService1:
 			return 2, 1
 		case t == wanPPPService1:
