@@ -91,16 +91,17 @@ type Conn struct {
 	doneOnce  sync.Once
 	err       error
 
-	mu         sync.Mutex
-	method     Method
-	technique  nat.Technique
-	settled    bool // the direct path was found, or given up
-	direct     *mux.Mux
-	directAddr netip.AddrPort
-	extra      *mux.Mux // a socket punching opened for this connection
-	relayPeer  netip.AddrPort
-	relayUp    bool
-	stats      Stats
+	mu           sync.Mutex
+	method       Method
+	technique    nat.Technique
+	settled      bool // the direct path was found, or given up
+	direct       *mux.Mux
+	directAddr   netip.AddrPort
+	extra        *mux.Mux // a socket punching opened for this connection
+	relayPeer    netip.AddrPort
+	relayUp      bool
+	relayWatched bool // watchRelay runs
+	stats        Stats
 
 	// Direct path health (watchDirect).
 	directDown   bool   // the direct path went silent: Send uses the relay
@@ -109,6 +110,12 @@ type Conn struct {
 	pongs        int
 
 	received, dropped atomic.Uint64
+
+	// retrySoon makes a connection that fell back to the relay retry its direct path
+	// at once (the network changed); relayHeard is when a frame last came through the
+	// relay (UnixNano), for watchRelay.
+	retrySoon  atomic.Bool
+	relayHeard atomic.Int64
 
 	// lan is set on connections made by the LAN handshake; acks are its answers, for
 	// the initiator.
@@ -142,7 +149,7 @@ func (c *Conn) Initiator() bool { return c.initiator }
 
 // LocalProfile is the NAT profile of this end's node (its binding lifetime, when
 // measured, tells how often an idle connection must send to keep its mapping).
-func (c *Conn) LocalProfile() nat.Profile { return c.n.profile }
+func (c *Conn) LocalProfile() nat.Profile { return c.n.Profile() }
 
 // Method says how the current path was made: direct, punched or relayed.
 func (c *Conn) Method() Method {
@@ -255,8 +262,12 @@ func (c *Conn) waitReady(ctx context.Context) (*Conn, error) {
 }
 
 func (c *Conn) deliver(m *signal.Message) {
-	if m.Type == signal.TypeBye {
+	switch {
+	case m.Type == signal.TypeBye:
 		c.closeWith(fmt.Errorf("%w: peer said bye", ErrClosed))
+		return
+	case m.Type == signal.TypeCandidate && m.Candidate != nil:
+		c.peerCandidate(*m.Candidate)
 		return
 	}
 	select {
@@ -351,7 +362,8 @@ func (c *Conn) proceed(ctx context.Context, initiator, responder signal.Connecti
 	if !c.initiator {
 		self, local, remote, remoteInfo = nat.SideB, b, a, initiator
 	}
-	local.PublicIP, local.PublicPort = c.n.srflx.Addr(), c.n.srflx.Port()
+	srflx := c.n.reflexive()
+	local.PublicIP, local.PublicPort = srflx.Addr(), srflx.Port()
 	c.mu.Lock()
 	c.technique = step.Technique
 	c.mu.Unlock()
@@ -522,6 +534,9 @@ func (c *Conn) relayPing(ctx context.Context, peer netip.AddrPort) {
 // receive handles one frame for this connection that arrived on pc (via the relay
 // when via is set) from from.
 func (c *Conn) receive(kind byte, payload []byte, from netip.AddrPort, pc net.PacketConn, via *relay.Conn) {
+	if via != nil {
+		c.relayHeard.Store(c.n.clock.Now().UnixNano())
+	}
 	switch kind {
 	case kindData:
 		b := append([]byte(nil), payload...)
@@ -536,11 +551,16 @@ func (c *Conn) receive(kind byte, payload []byte, from netip.AddrPort, pc net.Pa
 		pc.WriteTo(pong, net.UDPAddrFromAddrPort(from))
 		if via != nil {
 			c.relayConfirmed(from)
+		} else if c.movedFrom(from, pc) {
+			// The peer's pings come from a new address: ping back, and its pong
+			// moves the direct path there (roam).
+			pc.WriteTo(appendFrame(nil, c.sendID, kindPing, nil), net.UDPAddrFromAddrPort(from))
 		}
 	case kindPong:
 		if via != nil {
 			c.relayConfirmed(from)
 		} else {
+			c.roam(from, pc)
 			c.directPong()
 		}
 	case kindBye:
@@ -550,15 +570,31 @@ func (c *Conn) receive(kind byte, payload []byte, from netip.AddrPort, pc net.Pa
 	}
 }
 
+// movedFrom reports whether a frame on the direct socket came from another address
+// than the direct path's.
+func (c *Conn) movedFrom(from netip.AddrPort, pc net.PacketConn) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.direct != nil && c.settled && from != c.directAddr && c.direct.Data() == pc
+}
+
 // relayConfirmed marks the relayed path working: a ping or pong came through it.
 func (c *Conn) relayConfirmed(from netip.AddrPort) {
+	c.relayHeard.Store(c.n.clock.Now().UnixNano())
 	c.mu.Lock()
 	first := !c.relayUp
+	watch := first && !c.relayWatched
 	c.relayUp, c.relayPeer = true, from
+	if watch {
+		c.relayWatched = true
+	}
 	c.mu.Unlock()
 	if first {
 		c.n.log.Debug("connect: relayed path up", "peer", c.peer.Short(), "from", from)
 		c.pathUp(MethodRelayed)
+	}
+	if watch && !c.n.cfg.PathCheck.Disabled {
+		c.n.wg.Go(c.watchRelay)
 	}
 }
 

@@ -1,6 +1,7 @@
 package connect
 
 import (
+	"net"
 	"time"
 )
 
@@ -49,6 +50,20 @@ func (p PathCheck) retry() time.Duration {
 	return p.Retry
 }
 
+// sleep waits d on the node's clock; false means the connection or the node ended.
+func (c *Conn) sleep(d time.Duration) bool {
+	tick := make(chan struct{})
+	t := c.n.clock.AfterFunc(d, func() { close(tick) })
+	select {
+	case <-tick:
+		return true
+	case <-c.done:
+	case <-c.n.ctx.Done():
+	}
+	t.Stop()
+	return false
+}
+
 // directPong records a pong that came over the direct path.
 func (c *Conn) directPong() {
 	c.mu.Lock()
@@ -70,18 +85,7 @@ func (c *Conn) watchDirect() {
 	c.mu.Unlock()
 	var retryAt, probeUntil time.Time
 	probeBase := 0
-	for {
-		tick := make(chan struct{})
-		t := c.n.clock.AfterFunc(interval, func() { close(tick) })
-		select {
-		case <-tick:
-		case <-c.done:
-			t.Stop()
-			return
-		case <-c.n.ctx.Done():
-			t.Stop()
-			return
-		}
+	for c.sleep(interval) {
 		now := c.n.clock.Now()
 		c.mu.Lock()
 		direct, addr := c.direct, c.directAddr
@@ -107,7 +111,7 @@ func (c *Conn) watchDirect() {
 			c.mu.Unlock()
 			retryAt, probeUntil = now.Add(retry), time.Time{}
 			c.n.log.Info("connect: direct path silent, moved to the relay", "peer", c.peer.Short(), "silent", now.Sub(last).Round(time.Millisecond), "retry_in", retry)
-		case probeUntil.IsZero() && now.Before(retryAt):
+		case probeUntil.IsZero() && now.Before(retryAt) && !c.retrySoon.Swap(false):
 			// Relayed, waiting for the next retry.
 		case probeUntil.IsZero():
 			probeUntil, probeBase = now.Add(timeout), pongs
@@ -125,6 +129,36 @@ func (c *Conn) watchDirect() {
 			c.n.log.Debug("connect: direct path still silent", "peer", c.peer.Short(), "pongs", pongs-probeBase)
 		default:
 			direct.WriteTo(ping, addr)
+		}
+	}
+}
+
+// watchRelay pings the peer through the relay while the connection uses it, and asks
+// the node to check its allocation when the relayed path goes silent for Timeout: a
+// relay that restarted or a NAT that rebound the allocation's mapping shows first as
+// silence. The node allocates again and the path comes back (Node.refresh).
+func (c *Conn) watchRelay() {
+	pc := c.n.cfg.PathCheck
+	interval, timeout := pc.interval(), pc.timeout()
+	ping := appendFrame(nil, c.sendID, kindPing, nil)
+	var checked time.Time
+	for c.sleep(interval) {
+		now := c.n.clock.Now()
+		c.mu.Lock()
+		onRelay := c.direct == nil || c.directDown
+		up, peer := c.relayUp, c.relayPeer
+		c.mu.Unlock()
+		if !onRelay || !up {
+			continue // the direct path carries it, or relayPing is confirming the relay
+		}
+		if rc := c.n.relayConn(); rc != nil {
+			rc.WriteTo(ping, net.UDPAddrFromAddrPort(peer))
+		}
+		heard := time.Unix(0, c.relayHeard.Load())
+		if now.Sub(heard) >= timeout && now.Sub(checked) >= 2*timeout {
+			checked = now
+			c.n.log.Debug("connect: relayed path silent, checking the relay", "peer", c.peer.Short(), "silent", now.Sub(heard).Round(time.Millisecond))
+			c.n.checkRelaySoon()
 		}
 	}
 }

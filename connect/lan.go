@@ -100,7 +100,7 @@ func (n *Node) startLAN(ctx context.Context) error {
 		}
 		svc := mdns.Service{NodeID: n.id.NodeID(), Port: n.main.LocalAddr().Port()}
 		if n.cfg.Profile != nil || len(n.cfg.STUN) > 0 {
-			svc.Profile = n.profile.String()
+			svc.Profile = n.Profile().String()
 		}
 		err := do(func() error {
 			var err error

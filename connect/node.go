@@ -19,6 +19,7 @@ import (
 	"peerlink/identity"
 	"peerlink/mux"
 	"peerlink/nat"
+	"peerlink/netmon"
 	"peerlink/nettype"
 	"peerlink/punch"
 	"peerlink/relay"
@@ -79,6 +80,16 @@ type Config struct {
 	// PathCheck tunes the liveness checks on direct paths and the fallback to the
 	// relay; the zero value is the defaults.
 	PathCheck PathCheck
+	// Refresh is how often the node re-learns its public address (a STUN Binding on
+	// its main socket) so that a NAT that rebinds it, or a new public IP, is noticed
+	// and peers are told; the relay allocation is checked on its own keepalive. Zero
+	// means 20 s; negative turns the periodic check off (NetworkChanged still runs it).
+	Refresh time.Duration
+	// WatchNetwork makes the node watch the host's interfaces and addresses (netlink
+	// on Linux, polling elsewhere) and act on each change as on NetworkChanged. The
+	// watch is opened at Start in the calling thread's network namespace. False means
+	// the caller reports changes, if anyone does.
+	WatchNetwork bool
 	// Clock is the time source; nil means the real clock.
 	Clock clock.Clock
 	// Logger receives progress; nil means quiet.
@@ -97,9 +108,13 @@ type Node struct {
 	engine *punch.Engine
 	det    *detect.Detector
 
+	addrMu  sync.Mutex // guards profile's public address and srflx, which Refresh moves
 	profile nat.Profile
 	srflx   netip.AddrPort
 	hosts   []netip.AddrPort
+	stunSrv netip.AddrPort
+	poke    chan struct{} // NetworkChanged: refresh now
+	netmon  *netmon.Monitor
 
 	relayMu     sync.Mutex
 	relay       *relay.Conn
@@ -134,6 +149,7 @@ func Start(ctx context.Context, cfg Config) (*Node, error) {
 		cfg: cfg, id: cfg.Identity, sig: cfg.Signal, log: cfg.Logger, clock: clock.Or(cfg.Clock),
 		net: nettype.Or(cfg.Net), conns: map[uint64]*Conn{}, sessions: map[string]*Conn{},
 		accept: make(chan *Conn, 16), relayDone: make(chan struct{}), published: make(chan struct{}),
+		poke: make(chan struct{}, 1),
 	}
 	if n.log == nil {
 		n.log = slog.New(slog.DiscardHandler)
@@ -154,6 +170,7 @@ func Start(ctx context.Context, cfg Config) (*Node, error) {
 			return nil, fmt.Errorf("connect: STUN observer %q must be ip:port: %w", cfg.STUN[0], err)
 		}
 	}
+	n.stunSrv = stunSrv
 	pc := cfg.Punch
 	pc.Net, pc.Clock, pc.Logger, pc.Observe, pc.STUNServer = n.net, cfg.Clock, cfg.Logger, n.det.AddObservation, stunSrv
 	n.engine = punch.New(pc)
@@ -250,6 +267,27 @@ func Start(ctx context.Context, cfg Config) (*Node, error) {
 		n.wg.Go(n.signalLoop)
 	}
 	n.wg.Go(func() { n.dataLoop(n.main.Data(), nil) })
+	if cfg.WatchNetwork {
+		m, err := netmon.New(netmon.Config{Logger: cfg.Logger})
+		if err != nil {
+			return fail(fmt.Errorf("connect: watching the network: %w", err))
+		}
+		n.netmon = m
+		n.wg.Go(func() {
+			for {
+				select {
+				case <-m.Changes():
+					n.log.Info("connect: the network changed")
+					n.NetworkChanged()
+				case <-n.ctx.Done():
+					return
+				}
+			}
+		})
+	}
+	if n.sig != nil {
+		n.wg.Go(n.maintain)
+	}
 	n.log.Info("connect: node up", "node", n.id.NodeID().Short(), "profile", n.profile.String(), "reflexive", n.srflx)
 	return n, nil
 }
@@ -270,8 +308,19 @@ func (n *Node) WaitRelay(ctx context.Context) error {
 // NodeID is this node's ID.
 func (n *Node) NodeID() identity.NodeID { return n.id.NodeID() }
 
-// Profile is this node's NAT profile.
-func (n *Node) Profile() nat.Profile { return n.profile }
+// Profile is this node's NAT profile, with its current public address.
+func (n *Node) Profile() nat.Profile {
+	n.addrMu.Lock()
+	defer n.addrMu.Unlock()
+	return n.profile
+}
+
+// reflexive is the main socket's public address as the STUN server last saw it.
+func (n *Node) reflexive() netip.AddrPort {
+	n.addrMu.Lock()
+	defer n.addrMu.Unlock()
+	return n.srflx
+}
 
 // Detector is the node's NAT detector (for Subscribe, Refresh).
 func (n *Node) Detector() *detect.Detector { return n.det }
@@ -282,15 +331,16 @@ func (n *Node) info() signal.ConnectionInfo {
 	for i, h := range n.hosts {
 		cands = append(cands, signal.Candidate{Type: signal.CandidateHost, IP: h.Addr(), Port: h.Port(), Priority: signal.CandidatePriority(signal.CandidateHost, uint16(65535-i))})
 	}
-	if n.srflx.IsValid() {
-		cands = append(cands, signal.Candidate{Type: signal.CandidateSrflx, IP: n.srflx.Addr(), Port: n.srflx.Port(), Priority: signal.CandidatePriority(signal.CandidateSrflx, 65535)})
+	srflx := n.reflexive()
+	if srflx.IsValid() {
+		cands = append(cands, srflxCandidate(srflx))
 	}
 	if ra := n.relayAddr(); ra.IsValid() {
-		cands = append(cands, signal.Candidate{Type: signal.CandidateRelayed, IP: ra.Addr(), Port: ra.Port(), Priority: signal.CandidatePriority(signal.CandidateRelayed, 65535)})
+		cands = append(cands, relayedCandidate(ra))
 	}
-	p := n.profile
-	if n.srflx.IsValid() {
-		p.PublicIP, p.PublicPort = n.srflx.Addr(), n.srflx.Port()
+	p := n.Profile()
+	if srflx.IsValid() {
+		p.PublicIP, p.PublicPort = srflx.Addr(), srflx.Port()
 	}
 	return signal.NewConnectionInfo(p, n.main.LocalAddr(), cands)
 }
@@ -327,7 +377,7 @@ func (n *Node) ensureRelay(ctx context.Context) (*relay.Conn, error) {
 		user, pass = cred.Username, cred.Password
 	}
 	server, transport := rc.Server, rc.Transport
-	if n.profile.UDPBlocked {
+	if n.Profile().UDPBlocked {
 		switch {
 		case rc.TLSServer != "":
 			server, transport = rc.TLSServer, relay.TLS
@@ -472,6 +522,9 @@ func (n *Node) Close() error {
 	n.det.Close()
 	if n.lan != nil {
 		n.lan.close()
+	}
+	if n.netmon != nil {
+		n.netmon.Close()
 	}
 	n.wg.Wait()
 	return nil

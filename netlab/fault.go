@@ -30,3 +30,23 @@ func cutRules(addrs []netip.Addr) string {
 	b.WriteString("\t}\n}\n")
 	return b.String()
 }
+
+// Flush makes the site's NATs forget every mapping, as a router that reboots or whose
+// conntrack table is flushed does: established flows get new external ports where the
+// NAT allocates them at random, and unsolicited traffic to the old ones is dropped.
+func (s *Site) Flush(ctx context.Context) error {
+	if len(s.Routers) == 0 {
+		return fmt.Errorf("netlab: site %s has no NAT to flush", s.Name)
+	}
+	for _, r := range s.Routers {
+		// The endpoint-independent NATs keep their mappings in nftables maps; the
+		// others have none, so a missing map is no error.
+		for _, m := range []string{"map eim_out", "map eim_in", "set eim_used", "set eim_peers"} {
+			run(ctx, "", "ip", "netns", "exec", r.NS, "nft", "flush", strings.Fields(m)[0], "ip", table, strings.Fields(m)[1])
+		}
+		if err := run(ctx, "", "ip", "netns", "exec", r.NS, "conntrack", "-F"); err != nil {
+			return fmt.Errorf("netlab: flushing %s's conntrack table: %w", r.Name, err)
+		}
+	}
+	return nil
+}

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/pion/logging"
+	"github.com/pion/stun/v3"
 	"github.com/pion/turn/v4"
 
 	"peerlink/nettype"
@@ -39,8 +40,9 @@ type ClientConfig struct {
 	// KeepAlive is how often the client sends a Binding request to the server when
 	// nothing else would, so that NATs on the way keep the client's mapping: when it
 	// expires, the NAT picks a new port and the server no longer knows the client.
-	// Zero means 15 s (NATs commonly drop idle UDP mappings after 30 s); negative turns
-	// keepalives off.
+	// Each keepalive also checks the allocation (see Conn.Check). Zero means 15 s
+	// (NATs commonly drop idle UDP mappings after 30 s); negative turns keepalives and
+	// checks off.
 	KeepAlive time.Duration
 	// Logger receives the TURN client's log; nil means quiet.
 	Logger *slog.Logger
@@ -48,6 +50,17 @@ type ClientConfig struct {
 
 // ErrAllocate wraps the server's refusal or a failed exchange while allocating.
 var ErrAllocate = errors.New("relay: allocation failed")
+
+// ErrAllocationLost is a Conn's error once its allocation is of no more use: the
+// server forgot it (it restarted, or the allocation expired), no longer answers, or
+// sees the client from another address than the one it allocated for (a NAT on the way
+// rebound the client's mapping). Dial again for a new allocation.
+var ErrAllocationLost = errors.New("relay: allocation lost")
+
+// checkFailures is how many checks in a row may go unanswered before the allocation
+// counts as lost. Each unanswered check already went out seven times over about 8 s,
+// but one stretch of loss is no reason to drop an allocation.
+const checkFailures = 2
 
 // Conn is an allocation on a TURN server: a net.PacketConn whose LocalAddr is the
 // relayed address. Writes to a peer install its permission (and a channel) first;
@@ -59,6 +72,13 @@ type Conn struct {
 	once   sync.Once
 	stop   chan struct{}
 	wg     sync.WaitGroup
+
+	checkMu  sync.Mutex // one check at a time
+	mapped   net.Addr   // the client's address as the server saw it first
+	silent   int        // checks in a row without an answer
+	lost     chan struct{}
+	lostOnce sync.Once
+	lostErr  error
 }
 
 // Dial connects to the TURN server in cfg and allocates a relayed address.
@@ -129,17 +149,22 @@ func Dial(ctx context.Context, cfg ClientConfig) (*Conn, error) {
 		}
 		return nil, fmt.Errorf("%w: %s via %s: %w", ErrAllocate, cfg.Server, cmpTransport(cfg.Transport), err)
 	}
-	c := &Conn{PacketConn: relayed, client: client, base: base, stop: make(chan struct{})}
+	c := &Conn{PacketConn: relayed, client: client, base: base, stop: make(chan struct{}), lost: make(chan struct{})}
 	if ka := cfg.KeepAlive; ka >= 0 {
 		if ka == 0 {
 			ka = 15 * time.Second
+		}
+		if cfg.Transport == "" || cfg.Transport == UDP {
+			// The address the server sees now is the one the allocation belongs to;
+			// a later Binding answered with another means the NAT rebound.
+			c.mapped, _ = client.SendBindingRequest()
 		}
 		c.wg.Go(func() { c.keepAlive(ka) })
 	}
 	return c, nil
 }
 
-// keepAlive sends a Binding request every interval until Close.
+// keepAlive checks the allocation every interval until Close or until it is lost.
 func (c *Conn) keepAlive(interval time.Duration) {
 	t := time.NewTicker(interval)
 	defer t.Stop()
@@ -147,10 +172,95 @@ func (c *Conn) keepAlive(interval time.Duration) {
 		select {
 		case <-c.stop:
 			return
+		case <-c.lost:
+			return
 		case <-t.C:
-			c.client.SendBindingRequest() // a lost one is made up by the next
+			c.check()
 		}
 	}
+}
+
+// Lost is closed when the allocation is found lost (see ErrAllocationLost); Err then
+// says why.
+func (c *Conn) Lost() <-chan struct{} { return c.lost }
+
+// Err is nil while the allocation works, and wraps ErrAllocationLost once it is lost.
+func (c *Conn) Err() error {
+	select {
+	case <-c.lost:
+		return c.lostErr
+	default:
+		return nil
+	}
+}
+
+func (c *Conn) markLost(err error) error {
+	c.lostOnce.Do(func() {
+		c.lostErr = fmt.Errorf("%w: %w", ErrAllocationLost, err)
+		close(c.lost)
+	})
+	return c.lostErr
+}
+
+// Check asks the server about the allocation now rather than at the next keepalive,
+// as a caller does when traffic through the relay stops or the network changed. It
+// returns nil while the allocation works, an error wrapping ErrAllocationLost once it
+// is lost, or ctx's error. A check that goes unanswered counts toward the few in a
+// row that make the allocation lost.
+func (c *Conn) Check(ctx context.Context) error {
+	done := make(chan error, 1)
+	c.wg.Go(func() { done <- c.check() })
+	select {
+	case err := <-done:
+		return err
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// check is one round: a Binding to see the client's address as the server sees it,
+// and a CreatePermission that only an existing allocation gets a success (or a refusal
+// other than 437 Allocation Mismatch) for.
+func (c *Conn) check() error {
+	c.checkMu.Lock()
+	defer c.checkMu.Unlock()
+	if err := c.Err(); err != nil {
+		return err
+	}
+	select {
+	case <-c.stop:
+		return net.ErrClosed
+	default:
+	}
+	var err error
+	if c.mapped != nil {
+		var addr net.Addr
+		addr, err = c.client.SendBindingRequest()
+		if err == nil && addr.String() != c.mapped.String() {
+			return c.markLost(fmt.Errorf("the server now sees this client at %v, not %v (a NAT rebound it)", addr, c.mapped))
+		}
+	}
+	if err == nil {
+		// The relayed address's own IP is as harmless a peer as any: a permission for
+		// it lets nothing new in.
+		err = c.client.CreatePermission(c.PacketConn.LocalAddr())
+	}
+	var te *stun.TurnError
+	switch {
+	case err == nil:
+		c.silent = 0
+		return nil
+	case errors.As(err, &te) && (te.ErrorCodeAttr.Code == stun.CodeAllocMismatch || te.ErrorCodeAttr.Code == stun.CodeUnauthorized):
+		return c.markLost(fmt.Errorf("the server no longer knows it (%d %s)", te.ErrorCodeAttr.Code, te.ErrorCodeAttr.Reason))
+	case errors.As(err, &te):
+		c.silent = 0 // the server answered for this allocation: it exists
+		return nil
+	}
+	c.silent++
+	if c.silent >= checkFailures {
+		return c.markLost(fmt.Errorf("%d checks in a row failed, the last with: %w", c.silent, err))
+	}
+	return nil
 }
 
 func cmpTransport(t Transport) Transport {

@@ -201,6 +201,61 @@ func TestKernelLab(t *testing.T) {
 		sa.Close()
 		sb.Close()
 	})
+	// A NAT that forgets its mappings mid-transfer (a router reboot, a conntrack
+	// flush): the symmetric NAT moves every flow to new random ports, so the relay no
+	// longer knows the node's allocation and the node must allocate again and tell its
+	// peer; the port-preserving NAT hands the same ports out again.
+	for _, tt := range []struct {
+		name, a, b string
+		method     connect.Method
+	}{
+		{"symmetric NAT flushed mid-transfer, relayed", "sym-1", "sym-2", connect.MethodRelayed},
+		{"port-restricted NAT flushed mid-transfer, punched", "pr-1", "pr-2", connect.MethodPunched},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			a, b := nodes[tt.a], nodes[tt.b]
+			ca, cb := connPair(t, a, b, tt.method)
+			sa, sb := sessionPair(t, ca, cb, a.id, b.id)
+			// The longest stretch in which nothing arrived, watched from the receiver.
+			stop := make(chan struct{})
+			stalled := make(chan time.Duration, 1)
+			flushedAt := make(chan time.Time, 1)
+			go func() {
+				time.Sleep(time.Second)
+				if err := w.l.Site(tt.a).Flush(context.Background()); err != nil {
+					t.Errorf("flush: %v", err)
+				}
+				flushedAt <- time.Now()
+			}()
+			go func() {
+				var longest time.Duration
+				last, lastN := time.Now(), cb.Stats().Received
+				for {
+					select {
+					case <-stop:
+						stalled <- longest
+						return
+					case <-time.After(10 * time.Millisecond):
+					}
+					if n := cb.Stats().Received; n != lastN {
+						longest = max(longest, time.Since(last))
+						last, lastN = time.Now(), n
+					}
+				}
+			}()
+			mbps := pacedTransfer(t, sa, sb, 24<<20, 3, 250*time.Millisecond)
+			close(stop)
+			gap := <-stalled
+			<-flushedAt
+			if gap > 15*time.Second {
+				t.Errorf("the transfer stalled for %v after the flush, want well under 15 s", gap)
+			}
+			t.Logf("%s NAT flushed 1 s in: 24 MiB intact at %.0f Mbit/s; longest stall %v; method %v/%v; %+v",
+				tt.a, mbps, gap.Round(time.Millisecond), ca.Method(), cb.Method(), sa.Stats())
+			sa.Close()
+			sb.Close()
+		})
+	}
 }
 
 // BenchmarkKernelLabVsIperf3 measures a session stream from a host behind a

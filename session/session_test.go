@@ -433,21 +433,7 @@ func TestClose(t *testing.T) {
 }
 
 func TestStats(t *testing.T) {
-	w := newWorld(t, 11)
-	a, b := w.node("a", "ei-pd-pp", connect.PathCheck{}), w.node("b", "ei-pd-pp", connect.PathCheck{})
-	ca, cb := connPair(t, a, b, connect.MethodPunched)
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	var sb *Session
-	var wg sync.WaitGroup
-	wg.Go(func() { sb, _ = New(ctx, cb, Config{Identity: b.id, ProbeInterval: 50 * time.Millisecond}) })
-	sa, err := New(ctx, ca, Config{Identity: a.id, ProbeInterval: 50 * time.Millisecond})
-	wg.Wait()
-	if err != nil || sb == nil {
-		t.Fatal(err)
-	}
-	defer sa.Close()
-	defer sb.Close()
+	sa, sb := probedPair(t, 11)
 	time.Sleep(time.Second)
 	for _, s := range []*Session{sa, sb} {
 		st := s.Stats()

@@ -133,7 +133,8 @@ func (f *nodeFlags) startNode(ctx context.Context, id *identity.Identity, sig *s
 	if err != nil {
 		return nil, err
 	}
-	cfg := connect.Config{Identity: id, Signal: sig, STUN: stunAddrs, Logger: log}
+	// A long-lived node follows the host across networks (Wi-Fi to cable, a new lease).
+	cfg := connect.Config{Identity: id, Signal: sig, STUN: stunAddrs, Logger: log, WatchNetwork: true}
 	if f.lan {
 		cfg.LAN = &connect.LANConfig{}
 	}
