@@ -225,9 +225,9 @@ func (c *Conn) Close() error {
 	if c.lan {
 		c.sendLANBye()
 	}
-	if c.n.sig != nil {
+	if c.n.signal() != nil {
 		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
-		c.n.sig.Send(ctx, &signal.Message{Type: signal.TypeBye, To: c.peer, Session: c.session, Bye: &signal.Bye{Reason: "closed"}})
+		c.n.signal().Send(ctx, &signal.Message{Type: signal.TypeBye, To: c.peer, Session: c.session, Bye: &signal.Bye{Reason: "closed"}})
 		cancel()
 	}
 	c.closeWith(ErrClosed)
@@ -329,7 +329,7 @@ func (c *Conn) respond(offer *signal.Message) {
 		c.n.ensureRelay(ctx)
 	}
 	info := c.n.info()
-	if err := c.n.sig.Send(ctx, &signal.Message{Type: signal.TypeAnswer, To: c.peer, Session: c.session, Info: &info}); err != nil {
+	if err := c.n.signal().Send(ctx, &signal.Message{Type: signal.TypeAnswer, To: c.peer, Session: c.session, Info: &info}); err != nil {
 		c.closeWith(err)
 		return
 	}
@@ -444,7 +444,7 @@ func (c *Conn) punch(ctx context.Context, setup punch.Setup, hosts, reflexive []
 			msg.Addresses = []netip.AddrPort{netip.AddrPortFrom(pred.IP, 1)}
 		}
 	}
-	if err := c.n.sig.Send(ctx, &signal.Message{Type: signal.TypePunch, To: c.peer, Session: c.session, Punch: msg}); err != nil {
+	if err := c.n.signal().Send(ctx, &signal.Message{Type: signal.TypePunch, To: c.peer, Session: c.session, Punch: msg}); err != nil {
 		return err
 	}
 	theirs, err := c.await(ctx, signal.TypePunch)

@@ -97,10 +97,10 @@ func TestConnectErrors(t *testing.T) {
 	off := w.node("e", nodeOpts{typ: mustType(t, "ei-ei-pp"), noRelay: true})
 	offID := off.NodeID()
 	off.Close()
-	off.sig.Close() // the node does not own its signaling client
+	off.signal().Close() // the node does not own its signaling client
 	// Wait for the server to notice, as a peer would see it some time after it left.
 	for deadline := time.Now().Add(5 * time.Second); ; {
-		p, err := a.sig.Lookup(context.Background(), offID)
+		p, err := a.signal().Lookup(context.Background(), offID)
 		if err == nil && !p.Online {
 			break
 		}

@@ -141,7 +141,7 @@ func (st *lanState) close() {
 func (n *Node) connectLAN(ctx context.Context, target identity.NodeID, opts Options) (*Conn, error) {
 	lc := n.lan.cfg
 	lctx, cancel := ctx, context.CancelFunc(func() {})
-	if n.sig != nil {
+	if n.signal() != nil {
 		lctx, cancel = context.WithTimeout(ctx, lc.wait())
 	}
 	found, err := n.lan.lookup(lctx, target)
@@ -176,7 +176,7 @@ func (n *Node) connectLAN(ctx context.Context, target identity.NodeID, opts Opti
 	c.mu.Unlock()
 	hello := appendFrame(nil, 0, kindHello, lanMessage{session: session, from: n.id.NodeID(), to: target, at: n.clock.Now()}.seal(key, kindHello))
 	hctx := ctx
-	if n.sig != nil {
+	if n.signal() != nil {
 		var cancel context.CancelFunc
 		hctx, cancel = context.WithTimeout(ctx, lc.handshake())
 		defer cancel()

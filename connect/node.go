@@ -12,6 +12,7 @@ import (
 	"net/netip"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"peerlink/clock"
@@ -100,7 +101,7 @@ type Config struct {
 type Node struct {
 	cfg    Config
 	id     *identity.Identity
-	sig    *signal.Client
+	sig    atomic.Pointer[signal.Client] // SetSignal replaces it
 	log    *slog.Logger
 	clock  clock.Clock
 	net    nettype.PacketListener
@@ -146,13 +147,16 @@ func Start(ctx context.Context, cfg Config) (*Node, error) {
 		return nil, fmt.Errorf("connect: %w: Config.STUN is empty", ErrNoObservers)
 	}
 	n := &Node{
-		cfg: cfg, id: cfg.Identity, sig: cfg.Signal, log: cfg.Logger, clock: clock.Or(cfg.Clock),
+		cfg: cfg, id: cfg.Identity, log: cfg.Logger, clock: clock.Or(cfg.Clock),
 		net: nettype.Or(cfg.Net), conns: map[uint64]*Conn{}, sessions: map[string]*Conn{},
 		accept: make(chan *Conn, 16), relayDone: make(chan struct{}), published: make(chan struct{}),
 		poke: make(chan struct{}, 1),
 	}
 	if n.log == nil {
 		n.log = slog.New(slog.DiscardHandler)
+	}
+	if cfg.Signal != nil {
+		n.sig.Store(cfg.Signal)
 	}
 	n.ctx, n.cancel = context.WithCancel(context.Background())
 	localIPs := cfg.LocalIPs
@@ -229,7 +233,7 @@ func Start(ctx context.Context, cfg Config) (*Node, error) {
 			return fail(err)
 		}
 	}
-	if cfg.Relay != nil && n.sig != nil {
+	if cfg.Relay != nil && n.signal() != nil {
 		// Relay-first: allocate now, in the background, so that an allocation is
 		// usually ready before anyone connects, and a relay that is down does not
 		// hold up the start. Connect waits for this attempt if it is still going.
@@ -247,15 +251,15 @@ func Start(ctx context.Context, cfg Config) (*Node, error) {
 			}
 			pctx, cancel := context.WithTimeout(n.ctx, 5*time.Second)
 			defer cancel()
-			if err := n.sig.Publish(pctx, n.info()); err != nil {
+			if err := n.signal().Publish(pctx, n.info()); err != nil {
 				n.log.Debug("connect: publishing the relayed candidate", "err", err)
 			}
 		})
 	} else {
 		close(n.relayDone)
 	}
-	if n.sig != nil {
-		if err := n.sig.Publish(ctx, n.info()); err != nil {
+	if n.signal() != nil {
+		if err := n.signal().Publish(ctx, n.info()); err != nil {
 			if cfg.LAN == nil {
 				return fail(fmt.Errorf("connect: publishing: %w", err))
 			}
@@ -263,8 +267,8 @@ func Start(ctx context.Context, cfg Config) (*Node, error) {
 		}
 	}
 	close(n.published)
-	if n.sig != nil {
-		n.wg.Go(n.signalLoop)
+	if sc := n.signal(); sc != nil {
+		n.wg.Go(func() { n.signalLoop(sc) })
 	}
 	n.wg.Go(func() { n.dataLoop(n.main.Data(), nil) })
 	if cfg.WatchNetwork {
@@ -285,7 +289,7 @@ func Start(ctx context.Context, cfg Config) (*Node, error) {
 			}
 		})
 	}
-	if n.sig != nil {
+	if n.signal() != nil {
 		n.wg.Go(n.maintain)
 	}
 	n.log.Info("connect: node up", "node", n.id.NodeID().Short(), "profile", n.profile.String(), "reflexive", n.srflx)
@@ -320,6 +324,39 @@ func (n *Node) reflexive() netip.AddrPort {
 	n.addrMu.Lock()
 	defer n.addrMu.Unlock()
 	return n.srflx
+}
+
+// signal is the current rendezvous client; nil for a LAN-only node.
+func (n *Node) signal() *signal.Client { return n.sig.Load() }
+
+// SetSignal gives the node a new rendezvous client for its identity, dialed after the
+// old one's connection ended (a server restart, a network change). The node reads
+// messages from it, publishes itself there, and goes on; its connections, which need
+// no server once made, are not touched. The caller closes the old client.
+func (n *Node) SetSignal(ctx context.Context, sc *signal.Client) error {
+	if sc == nil {
+		return errors.New("connect: SetSignal needs a client")
+	}
+	n.mu.Lock()
+	closed := n.closed
+	if !closed {
+		n.wg.Add(1)
+	}
+	n.mu.Unlock()
+	if closed {
+		return ErrClosed
+	}
+	defer n.wg.Done()
+	old := n.sig.Swap(sc)
+	if old == nil {
+		n.sig.CompareAndSwap(sc, nil)
+		return errors.New("connect: SetSignal on a node started without Signal")
+	}
+	n.wg.Go(func() { n.signalLoop(sc) })
+	if err := sc.Publish(ctx, n.info()); err != nil {
+		return fmt.Errorf("connect: publishing on the new rendezvous client: %w", err)
+	}
+	return nil
 }
 
 // Detector is the node's NAT detector (for Subscribe, Refresh).
@@ -364,12 +401,12 @@ func (n *Node) ensureRelay(ctx context.Context) (*relay.Conn, error) {
 		return nil, n.relayErr // failed moments ago: do not make every connection wait again
 	}
 	user, pass := rc.Username, rc.Password
-	if user == "" && n.sig == nil {
+	if user == "" && n.signal() == nil {
 		n.relayErr, n.relayFailed = fmt.Errorf("%w: TURN credentials need a rendezvous server", ErrNoRelay), n.clock.Now()
 		return nil, n.relayErr
 	}
 	if user == "" {
-		cred, err := n.sig.TURNCredentials(ctx)
+		cred, err := n.signal().TURNCredentials(ctx)
 		if err != nil {
 			n.relayErr, n.relayFailed = fmt.Errorf("%w: TURN credentials: %w", ErrNoRelay, err), n.clock.Now()
 			return nil, n.relayErr
@@ -430,7 +467,7 @@ func (n *Node) connectOnce(ctx context.Context, target identity.NodeID, opts Opt
 	defer cancel()
 	if n.lan != nil && !(opts.NoDirect && !opts.NoRelay) {
 		c, err := n.connectLAN(ctx, target, opts)
-		if err == nil || n.sig == nil || errors.Is(err, ErrClosed) {
+		if err == nil || n.signal() == nil || errors.Is(err, ErrClosed) {
 			return c, err
 		}
 		n.log.Debug("connect: not over the LAN, trying the rendezvous server", "peer", target.Short(), "err", err)
@@ -444,7 +481,7 @@ func (n *Node) connectOnce(ctx context.Context, target identity.NodeID, opts Opt
 		n.ensureRelay(ctx)
 	}
 	info := n.info()
-	if err := n.sig.Send(ctx, &signal.Message{Type: signal.TypeOffer, To: target, Session: session, Info: &info}); err != nil {
+	if err := n.signal().Send(ctx, &signal.Message{Type: signal.TypeOffer, To: target, Session: session, Info: &info}); err != nil {
 		c.closeWith(err)
 		return nil, fmt.Errorf("connect: offer to %s: %w", target.Short(), err)
 	}
@@ -531,11 +568,11 @@ func (n *Node) Close() error {
 }
 
 // signalLoop hands each incoming message to its session, and starts accepting offers.
-func (n *Node) signalLoop() {
+func (n *Node) signalLoop(sc *signal.Client) {
 	for {
-		m, err := n.sig.Recv(n.ctx)
+		m, err := sc.Recv(n.ctx)
 		if err != nil {
-			if n.ctx.Err() == nil {
+			if n.ctx.Err() == nil && n.signal() == sc {
 				n.log.Warn("connect: signaling ended", "err", err)
 			}
 			return

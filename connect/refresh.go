@@ -141,7 +141,7 @@ func (n *Node) refresh(poked bool) {
 	if len(moved) == 0 {
 		return
 	}
-	if err := n.sig.Publish(ctx, n.info()); err != nil {
+	if err := n.signal().Publish(ctx, n.info()); err != nil {
 		n.log.Debug("connect: publishing moved candidates", "err", err)
 	}
 	for _, c := range conns {
@@ -150,7 +150,7 @@ func (n *Node) refresh(poked bool) {
 		}
 		for _, cand := range moved {
 			cand := cand
-			if err := n.sig.Send(ctx, &signal.Message{Type: signal.TypeCandidate, To: c.peer, Session: c.session, Candidate: &cand}); err != nil {
+			if err := n.signal().Send(ctx, &signal.Message{Type: signal.TypeCandidate, To: c.peer, Session: c.session, Candidate: &cand}); err != nil {
 				n.log.Debug("connect: telling a peer of a moved candidate", "peer", c.peer.Short(), "err", err)
 			}
 		}
@@ -171,7 +171,7 @@ func (n *Node) profileChanged(p nat.Profile) {
 	n.log.Info("connect: NAT profile changed", "from", old.String(), "to", p.String())
 	ctx, cancel := context.WithTimeout(n.ctx, 5*time.Second)
 	defer cancel()
-	if err := n.sig.Publish(ctx, n.info()); err != nil {
+	if err := n.signal().Publish(ctx, n.info()); err != nil {
 		n.log.Debug("connect: publishing the new profile", "err", err)
 	}
 }

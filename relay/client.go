@@ -242,8 +242,17 @@ func (c *Conn) check() error {
 	}
 	if err == nil {
 		// The relayed address's own IP is as harmless a peer as any: a permission for
-		// it lets nothing new in.
-		err = c.client.CreatePermission(c.PacketConn.LocalAddr())
+		// it lets nothing new in. A quick failure that is no error response is the
+		// TURN client taking a new nonce (a restarted server has new ones): ask again
+		// at once, so a restart is known now rather than at the next check.
+		for try := 0; try < 2; try++ {
+			start := time.Now()
+			err = c.client.CreatePermission(c.PacketConn.LocalAddr())
+			var te *stun.TurnError
+			if err == nil || errors.As(err, &te) || time.Since(start) > time.Second {
+				break
+			}
+		}
 	}
 	var te *stun.TurnError
 	switch {
