@@ -22,6 +22,7 @@ import (
 	"peerlink/nat"
 	"peerlink/netmon"
 	"peerlink/nettype"
+	"peerlink/portmap"
 	"peerlink/punch"
 	"peerlink/relay"
 	"peerlink/signal"
@@ -86,6 +87,13 @@ type Config struct {
 	// and peers are told; the relay allocation is checked on its own keepalive. Zero
 	// means 20 s; negative turns the periodic check off (NetworkChanged still runs it).
 	Refresh time.Duration
+	// PortMap, when set, has the node ask its gateway for a port mapping of its main
+	// socket (PCP, NAT-PMP or UPnP IGD, as portmap.Map does) in the background at
+	// Start, and publish the mapped address as its public one: behind a NAT that cannot
+	// be punched, a mapping makes the node reachable directly. The mapping is renewed
+	// until Close and deleted then. Its Net and Dialer default to the node's. Nil means
+	// no port mapping.
+	PortMap *portmap.Config
 	// WatchNetwork makes the node watch the host's interfaces and addresses (netlink
 	// on Linux, polling elsewhere) and act on each change as on NetworkChanged. The
 	// watch is opened at Start in the calling thread's network namespace. False means
@@ -116,6 +124,7 @@ type Node struct {
 	stunSrv netip.AddrPort
 	poke    chan struct{} // NetworkChanged: refresh now
 	netmon  *netmon.Monitor
+	mapping *portmap.Mapping // under addrMu
 
 	relayMu     sync.Mutex
 	relay       *relay.Conn
@@ -232,6 +241,9 @@ func Start(ctx context.Context, cfg Config) (*Node, error) {
 		if err := n.startLAN(ctx); err != nil {
 			return fail(err)
 		}
+	}
+	if cfg.PortMap != nil && !n.profile.UDPBlocked && !n.profile.Open {
+		n.startPortMap()
 	}
 	if cfg.Relay != nil && n.signal() != nil {
 		// Relay-first: allocate now, in the background, so that an allocation is
@@ -564,6 +576,9 @@ func (n *Node) Close() error {
 		n.netmon.Close()
 	}
 	n.wg.Wait()
+	if m := n.PortMapping(); m != nil {
+		m.Close() // deletes it on the gateway
+	}
 	return nil
 }
 

@@ -121,7 +121,17 @@ func (n *Node) refresh(poked bool) {
 			}
 		}
 	}
-	if n.stunSrv.IsValid() && !n.Profile().UDPBlocked {
+	if ext, ok := n.mappedAddr(); ok {
+		// The gateway's mapping is the public address while it lasts; STUN sees the
+		// NAT's own mapping for the STUN server, which is not the one peers use.
+		if ext != n.reflexive() {
+			n.addrMu.Lock()
+			n.srflx = ext
+			n.profile.PublicIP, n.profile.PublicPort = ext.Addr(), ext.Port()
+			n.addrMu.Unlock()
+			moved = append(moved, srflxCandidate(ext))
+		}
+	} else if n.stunSrv.IsValid() && !n.Profile().UDPBlocked {
 		if a, err := n.main.Binding(ctx, n.stunSrv, 200*time.Millisecond); err == nil && a != n.reflexive() {
 			n.addrMu.Lock()
 			old := n.srflx

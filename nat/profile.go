@@ -62,6 +62,11 @@ type Profile struct {
 	// UDPBlocked is true when no UDP reached any observer: only relays over TCP or TLS
 	// can reach this node.
 	UDPBlocked bool `json:"udp_blocked,omitempty"`
+	// PortMapped is true when PublicIP:PublicPort is a port mapping the gateway made on
+	// request (UPnP IGD, NAT-PMP, PCP): anyone can reach the node there whatever the
+	// NAT does with other traffic, so Type says ei-ei-pp as for an open host, while
+	// Mapping, Filtering and Allocation still describe the NAT.
+	PortMapped bool `json:"port_mapped,omitempty"`
 
 	// PublicIP and PublicPort are the reflexive address of the probing socket.
 	PublicIP   netip.Addr `json:"public_ip,omitzero"`
@@ -76,8 +81,12 @@ type Profile struct {
 	Confidence Confidence `json:"confidence"`
 }
 
-// Type returns the profile's NATCracker type. An open host is ei-ei-pp.
+// Type returns the profile's NATCracker type. An open host is ei-ei-pp, and so is a
+// port-mapped one.
 func (p Profile) Type() Type {
+	if p.PortMapped {
+		return Type{MappingEI, FilteringEI, AllocationPP}
+	}
 	if p.Open {
 		f := p.Filtering
 		if f == FilteringUnknown {
@@ -126,6 +135,9 @@ func (p Profile) String() string {
 	s += ")"
 	if p.PublicIP.IsValid() {
 		s += " public " + p.Public().String()
+	}
+	if p.PortMapped {
+		s += " (port-mapped)"
 	}
 	return s
 }

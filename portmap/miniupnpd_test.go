@@ -7,84 +7,28 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
-	"os"
-	"os/exec"
-	"path/filepath"
 	"strings"
-	"sync"
-	"syscall"
 	"testing"
 	"time"
 
 	"peerlink/clock"
 	"peerlink/netlab"
 	"peerlink/netlab/netlabtest"
+	"peerlink/portmap/portmaptest"
 	"peerlink/stun"
 )
-
-// miniupnpdRouter is Debian's miniupnpd (nftables backend) running on a kernel-lab
-// symmetric NAT router, with PCP, NAT-PMP and UPnP IGD on the LAN side.
-//
-// Two things stand between a stock miniupnpd and the lab. The lab's addresses are in
-// 203.0.113.0/24 (TEST-NET-3), which miniupnpd calls reserved and refuses to forward
-// to unless STUN shows the router is not itself behind a restrictive NAT; so the lab
-// server runs an RFC 5780 STUN server and the router lets its own STUN traffic through
-// unchanged. And the lab's forward chain drops new inbound flows, so it gets the rule
-// any router with port forwarding has: accept what was destination-NATed.
-type miniupnpdRouter struct {
-	lab    *netlab.Lab
-	site   *netlab.Site
-	router *netlab.Host
-	host   *netlab.Host
-	gw     netip.Addr
-	dir    string
-
-	bin    string
-	igdv1  bool
-	proc   *os.Process
-	exited chan struct{}
-	log    *lockedBuffer
-}
-
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
 
 const (
 	stunPort    = 3478
 	stunAltPort = 3479
 )
 
-func startMiniupnpdLab(t *testing.T) *miniupnpdRouter {
+// startMiniupnpdLab builds a kernel lab with one symmetric NAT site whose router runs
+// miniupnpd, and the RFC 5780 STUN server miniupnpd checks its public address with.
+func startMiniupnpdLab(t *testing.T) *portmaptest.Router {
 	t.Helper()
 	netlabtest.Need(t)
-	bin, err := exec.LookPath("miniupnpd")
-	if err != nil {
-		bin = "/usr/sbin/miniupnpd"
-		if _, serr := os.Stat(bin); serr != nil {
-			t.Fatalf("running as root but miniupnpd is missing (apt-get install -y miniupnpd-nftables): %v", err)
-		}
-	}
 	lab := netlabtest.Start(t, netlab.Config{Sites: []netlab.SiteConfig{{Kind: netlab.KindSymmetric}}})
-	site := lab.Sites[0]
-	r := &miniupnpdRouter{lab: lab, site: site, router: site.Routers[0], host: site.Host(), dir: t.TempDir()}
-	hostIP := r.host.IP().As4()
-	hostIP[3] = 1
-	r.gw = netip.AddrFrom4(hostIP)
-
 	ip1, ip2 := lab.Server.IPs[0], lab.Server.IPs[1]
 	s, err := stun.Listen(context.Background(), stun.Config{
 		Listen: netip.AddrPortFrom(ip1, stunPort).String(), AltIP: ip2, AltPort: stunAltPort,
@@ -96,139 +40,18 @@ func startMiniupnpdLab(t *testing.T) *miniupnpdRouter {
 	served := make(chan error, 1)
 	go func() { served <- s.Serve(context.Background()) }()
 	t.Cleanup(func() { s.Close(); <-served })
-
-	rules := fmt.Sprintf(`table inet miniupnpd {
-	chain miniupnpd {
-	}
-	chain prerouting {
-		type nat hook prerouting priority dstnat - 10; policy accept;
-		jump prerouting_miniupnpd
-	}
-	chain postrouting {
-		type nat hook postrouting priority srcnat - 10; policy accept;
-		jump postrouting_miniupnpd
-	}
-	chain prerouting_miniupnpd {
-	}
-	chain postrouting_miniupnpd {
-	}
-}
-insert rule ip peerlink forward iifname "wan" ct status dnat accept
-insert rule ip peerlink input iifname "wan" ip saddr { %[1]s, %[2]s } udp sport { %[3]d, %[4]d } accept
-insert rule ip peerlink postrouting oifname "wan" ip saddr %[5]s udp dport { %[3]d, %[4]d } accept
-`, ip1, ip2, stunPort, stunAltPort, site.PublicIP)
-	cmd := r.router.Command(context.Background(), "nft", "-f", "-")
-	cmd.Stdin = strings.NewReader(rules)
-	if out, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("router nftables for miniupnpd: %v\n%s", err, out)
-	}
-	r.bin = bin
-	r.start(t, false)
-	t.Cleanup(func() {
-		r.stop()
-		if t.Failed() {
-			t.Logf("miniupnpd log:\n%s", r.log.String())
-		}
-	})
-	return r
-}
-
-// start runs miniupnpd and waits until STUN has enabled port forwarding and both the
-// HTTP and NAT-PMP/PCP servers listen. igdv1 makes it describe itself as IGDv1.
-func (r *miniupnpdRouter) start(t *testing.T, igdv1 bool) {
-	t.Helper()
-	conf := filepath.Join(r.dir, "miniupnpd.conf")
-	v1 := "no"
-	if igdv1 {
-		v1 = "yes"
-	}
-	body := fmt.Sprintf(`ext_ifname=wan
-listening_ip=lan0
-http_port=0
-enable_natpmp=yes
-enable_upnp=yes
-secure_mode=yes
-system_uptime=no
-ext_perform_stun=yes
-ext_stun_host=%s
-ext_stun_port=%d
-upnp_table_name=miniupnpd
-upnp_nat_table_name=miniupnpd
-upnp_forward_chain=miniupnpd
-upnp_nat_chain=prerouting_miniupnpd
-upnp_nat_postrouting_chain=postrouting_miniupnpd
-uuid=6c1f0a52-7d0e-4b43-9b8e-5a0f1e2d3c4b
-force_igd_desc_v1=%s
-lease_file=%s
-notify_interval=60
-allow 1024-65535 10.0.0.0/8 1024-65535
-deny 0-65535 0.0.0.0/0 0-65535
-`, r.lab.Server.IPs[0], stunPort, v1, filepath.Join(r.dir, "leases"))
-	if err := os.WriteFile(conf, []byte(body), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	log := &lockedBuffer{}
-	r.igdv1 = igdv1
-	cmd := r.router.Command(context.Background(), r.bin, "-d", "-f", conf, "-P", filepath.Join(r.dir, "miniupnpd.pid"))
-	cmd.Stdout, cmd.Stderr = log, log
-	if err := cmd.Start(); err != nil {
-		t.Fatalf("starting miniupnpd: %v", err)
-	}
-	exited := make(chan struct{})
-	go func() { cmd.Wait(); close(exited) }()
-	r.proc, r.exited, r.log = cmd.Process, exited, log
-	deadline := time.Now().Add(15 * time.Second)
-	for {
-		s := log.String()
-		if strings.Contains(s, "Port forwarding is now enabled") && strings.Contains(s, "HTTP listening on port") && strings.Contains(s, "Listening for NAT-PMP/PCP traffic") {
-			return
-		}
-		select {
-		case <-exited:
-			t.Fatalf("miniupnpd exited at start:\n%s", s)
-		case <-time.After(50 * time.Millisecond):
-		}
-		if time.Now().After(deadline) {
-			r.stop()
-			t.Fatalf("miniupnpd did not enable port forwarding within 15 s:\n%s", s)
-		}
-	}
-}
-
-// stop ends miniupnpd, politely first so it removes its rules.
-func (r *miniupnpdRouter) stop() {
-	if r.proc == nil {
-		return
-	}
-	r.proc.Signal(syscall.SIGTERM)
-	select {
-	case <-r.exited:
-	case <-time.After(5 * time.Second):
-		r.proc.Kill()
-		<-r.exited
-	}
-	r.proc = nil
-}
-
-// rules lists the router's miniupnpd table.
-func (r *miniupnpdRouter) rules(t *testing.T) string {
-	t.Helper()
-	out, err := r.router.Run(context.Background(), "nft", "list", "table", "inet", "miniupnpd")
-	if err != nil {
-		t.Fatalf("listing router rules: %v", err)
-	}
-	return string(out)
+	return portmaptest.Start(t, lab, lab.Sites[0], netip.AddrPortFrom(ip1, stunPort))
 }
 
 // config is a portmap Config for the site's host.
-func (r *miniupnpdRouter) config(t *testing.T, protos ...Protocol) Config {
+func config(t *testing.T, r *portmaptest.Router, protos ...Protocol) Config {
 	return Config{
-		Gateway:   r.gw,
+		Gateway:   r.Gateway,
 		Protocols: protos,
 		Lifetime:  10 * time.Minute,
 		Timeout:   2 * time.Second,
-		Net:       r.host,
-		Dialer:    r.host,
+		Net:       r.Host,
+		Dialer:    r.Host,
 		Logger:    testLogger(t),
 	}
 }
@@ -236,10 +59,10 @@ func (r *miniupnpdRouter) config(t *testing.T, protos ...Protocol) Config {
 // reaches sends a datagram from the lab server (from a fresh port, so no earlier
 // conntrack entry helps it) to dst and reports whether sock received it, directly from
 // the server.
-func (r *miniupnpdRouter) reaches(t *testing.T, dst netip.AddrPort, sock net.PacketConn) bool {
+func reaches(t *testing.T, r *portmaptest.Router, dst netip.AddrPort, sock net.PacketConn) bool {
 	t.Helper()
 	ctx := context.Background()
-	src, err := r.lab.Server.ListenPacket(ctx, "udp4", netip.AddrPortFrom(r.lab.Server.IPs[0], 0).String())
+	src, err := r.Lab.Server.ListenPacket(ctx, "udp4", netip.AddrPortFrom(r.Lab.Server.IPs[0], 0).String())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -273,17 +96,17 @@ func TestMiniupnpd(t *testing.T) {
 	r := startMiniupnpdLab(t)
 	ctx := context.Background()
 	var gw netip.Addr
-	if err := r.host.Do(func() (err error) { gw, err = DefaultGateway(); return err }); err != nil || gw != r.gw {
-		t.Errorf("DefaultGateway() in the host's namespace = %v, %v; want %v", gw, err, r.gw)
+	if err := r.Host.Do(func() (err error) { gw, err = DefaultGateway(); return err }); err != nil || gw != r.Gateway {
+		t.Errorf("DefaultGateway() in the host's namespace = %v, %v; want %v", gw, err, r.Gateway)
 	}
-	sock, err := r.host.ListenPacket(ctx, "udp4", "0.0.0.0:0")
+	sock, err := r.Host.ListenPacket(ctx, "udp4", "0.0.0.0:0")
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer sock.Close()
 	port := uint16(sock.LocalAddr().(*net.UDPAddr).Port)
 	// Without a mapping the symmetric NAT lets nothing in.
-	if r.reaches(t, netip.AddrPortFrom(r.site.PublicIP, port), sock) {
+	if reaches(t, r, netip.AddrPortFrom(r.Site.PublicIP, port), sock) {
 		t.Fatal("unsolicited datagram reached the host before any mapping")
 	}
 
@@ -304,11 +127,11 @@ func TestMiniupnpd(t *testing.T) {
 		{"upnp-igd1", []Protocol{UPnP}, 0, UPnP, true, wanIPService1, 1},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			if tc.igdv1 != r.igdv1 {
-				r.stop()
-				r.start(t, tc.igdv1)
+			if tc.igdv1 != r.IGDv1 {
+				r.Stop()
+				r.Start(t, tc.igdv1)
 			}
-			cfg := r.config(t, tc.protos...)
+			cfg := config(t, r, tc.protos...)
 			cfg.UPnPMaxVersion = tc.maxV
 			clk := clock.NewFake(time.Now())
 			cfg.Clock = clk
@@ -326,14 +149,14 @@ func TestMiniupnpd(t *testing.T) {
 				}
 			}
 			ext := m.External()
-			if ext.Addr() != r.site.PublicIP || ext.Port() == 0 {
-				t.Fatalf("External() = %v, want the router's public address %v", ext, r.site.PublicIP)
+			if ext.Addr() != r.Site.PublicIP || ext.Port() == 0 {
+				t.Fatalf("External() = %v, want the router's public address %v", ext, r.Site.PublicIP)
 			}
-			rules := r.rules(t)
-			if !strings.Contains(rules, fmt.Sprintf("%s:%d", r.host.IP(), port)) {
-				t.Errorf("router has no rule forwarding to %v:%d:\n%s", r.host.IP(), port, rules)
+			rules := r.Rules(t)
+			if !strings.Contains(rules, fmt.Sprintf("%s:%d", r.Host.IP(), port)) {
+				t.Errorf("router has no rule forwarding to %v:%d:\n%s", r.Host.IP(), port, rules)
 			}
-			if !r.reaches(t, ext, sock) {
+			if !reaches(t, r, ext, sock) {
 				t.Fatalf("datagram from the server to %v did not reach the host\nrouter rules:\n%s", ext, rules)
 			}
 
@@ -347,7 +170,7 @@ func TestMiniupnpd(t *testing.T) {
 			if got := m.External(); got != ext {
 				t.Errorf("renewal moved the mapping from %v to %v", ext, got)
 			}
-			if !r.reaches(t, m.External(), sock) {
+			if !reaches(t, r, m.External(), sock) {
 				t.Fatal("after renewal a datagram from the server did not reach the host")
 			}
 
@@ -357,10 +180,10 @@ func TestMiniupnpd(t *testing.T) {
 			if err := m.Close(); err != nil {
 				t.Fatalf("second Close: %v", err)
 			}
-			if rules := r.rules(t); strings.Contains(rules, fmt.Sprintf("%s:%d", r.host.IP(), port)) {
+			if rules := r.Rules(t); strings.Contains(rules, fmt.Sprintf("%s:%d", r.Host.IP(), port)) {
 				t.Errorf("after Close the router still forwards to the host:\n%s", rules)
 			}
-			if r.reaches(t, ext, sock) {
+			if reaches(t, r, ext, sock) {
 				t.Error("after Close a datagram to the old mapping still reached the host")
 			}
 		})
@@ -371,11 +194,11 @@ func TestMiniupnpd(t *testing.T) {
 	// every other external port first, for longer than a client waits; their refusal
 	// codes are covered against the in-test servers.)
 	t.Run("refused-upnp", func(t *testing.T) {
-		if r.igdv1 {
-			r.stop()
-			r.start(t, false)
+		if r.IGDv1 {
+			r.Stop()
+			r.Start(t, false)
 		}
-		cfg := r.config(t, UPnP)
+		cfg := config(t, r, UPnP)
 		cfg.UPnPMaxVersion = 1
 		m, err := Map(ctx, cfg, 80)
 		if err == nil {

@@ -3,11 +3,13 @@ package session
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"net/http"
 	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -18,6 +20,8 @@ import (
 	"peerlink/identity"
 	"peerlink/netlab"
 	"peerlink/netlab/netlabtest"
+	"peerlink/portmap"
+	"peerlink/portmap/portmaptest"
 	"peerlink/relay"
 	"peerlink/signal"
 	"peerlink/stun"
@@ -98,6 +102,12 @@ func startLab(t testing.TB, sites []netlab.SiteConfig) *labWorld {
 
 func (w *labWorld) node(t testing.TB, h *netlab.Host) *node {
 	t.Helper()
+	return w.nodeWith(t, h, nil)
+}
+
+// nodeWith is node with changes to the node's Config.
+func (w *labWorld) nodeWith(t testing.TB, h *netlab.Host, change func(*connect.Config)) *node {
+	t.Helper()
 	id, err := identity.Generate()
 	if err != nil {
 		t.Fatal(err)
@@ -109,8 +119,12 @@ func (w *labWorld) node(t testing.TB, h *netlab.Host) *node {
 		t.Fatalf("%s: signaling: %v", h.Name, err)
 	}
 	t.Cleanup(func() { sc.Close() })
-	n, err := connect.Start(ctx, connect.Config{Identity: id, Signal: sc, STUN: w.stun, Relay: w.relay, Net: h, DialContext: h.DialContext,
-		LocalIPs: func() ([]netip.Addr, error) { return h.IPs, nil }})
+	cfg := connect.Config{Identity: id, Signal: sc, STUN: w.stun, Relay: w.relay, Net: h, DialContext: h.DialContext,
+		LocalIPs: func() ([]netip.Addr, error) { return h.IPs, nil }}
+	if change != nil {
+		change(&cfg)
+	}
+	n, err := connect.Start(ctx, cfg)
 	if err != nil {
 		t.Fatalf("%s: %v", h.Name, err)
 	}
@@ -256,6 +270,84 @@ func TestKernelLab(t *testing.T) {
 			sb.Close()
 		})
 	}
+}
+
+// TestKernelLabPortMapping: a node behind a symmetric NAT whose router runs
+// miniupnpd asks it for a port mapping and publishes the mapped address; a peer behind
+// another symmetric NAT, which without the mapping could only be relayed to it,
+// connects directly and a transfer arrives intact. Closing the node deletes the
+// mapping on the router.
+func TestKernelLabPortMapping(t *testing.T) {
+	netlabtest.Need(t)
+	w := startLab(t, []netlab.SiteConfig{{Name: "sym-upnp", Kind: netlab.KindSymmetric}, {Name: "sym-2", Kind: netlab.KindSymmetric}})
+	router := portmaptest.Start(t, w.l, w.l.Site("sym-upnp"), netip.MustParseAddrPort(w.stun[0]))
+	a := w.nodeWith(t, router.Host, func(c *connect.Config) {
+		c.PortMap = &portmap.Config{Gateway: router.Gateway, Net: router.Host, Dialer: router.Host, Lifetime: 10 * time.Minute, Timeout: 2 * time.Second}
+	})
+	b := w.node(t, w.l.Site("sym-2").Host())
+	deadline := time.Now().Add(15 * time.Second)
+	for a.PortMapping() == nil || !a.Profile().PortMapped {
+		if time.Now().After(deadline) {
+			t.Fatalf("no port mapping within 15 s; miniupnpd log:\n%s", router.Log())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	m := a.PortMapping()
+	ext := m.External()
+	if ext.Addr() != w.l.Site("sym-upnp").PublicIP {
+		t.Fatalf("mapped address %v, want on the router's public IP %v", ext, w.l.Site("sym-upnp").PublicIP)
+	}
+	if a.Profile().Public() != ext {
+		t.Errorf("profile's public address %v, want the mapping %v", a.Profile().Public(), ext)
+	}
+	// The peer looks the node up and connects: the mapped address makes it reachable.
+	var ca, cb *connect.Conn
+	for range 3 { // the first lookups may race the publication of the mapping
+		ca, cb = connPairAny(t, b, a)
+		if ca.Method() == connect.MethodDirect {
+			break
+		}
+		ca.Close()
+		cb.Close()
+		time.Sleep(500 * time.Millisecond)
+	}
+	if ca.Method() != connect.MethodDirect || cb.Method() != connect.MethodDirect {
+		t.Fatalf("connected %v / %v, want direct to the mapped address (%s)", ca.Method(), cb.Method(), m.Protocol())
+	}
+	sa, sb := sessionPair(t, ca, cb, b.id, a.id)
+	mbps := transfer(t, sa, sb, 16<<20, 4)
+	t.Logf("sym-2 → sym-upnp through a %s mapping %v: direct, 16 MiB intact at %.0f Mbit/s", m.Protocol(), ext, mbps)
+	sa.Close()
+	sb.Close()
+	a.Close()
+	if rules := router.Rules(t); strings.Contains(rules, fmt.Sprintf("%s:%d", router.Host.IP(), m.InternalPort())) {
+		t.Errorf("the mapping outlived the node:\n%s", rules)
+	}
+}
+
+// connPairAny connects a to b and returns both ends, whatever the method.
+func connPairAny(t testing.TB, a, b *node) (*connect.Conn, *connect.Conn) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+	defer cancel()
+	accepted := make(chan *connect.Conn, 1)
+	go func() {
+		c, _ := b.Accept(ctx)
+		accepted <- c
+	}()
+	ca, err := a.Connect(ctx, b.NodeID(), connect.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cb := <-accepted
+	if cb == nil {
+		t.Fatal("not accepted")
+	}
+	// A direct path may come a moment after the first (relayed) one.
+	for wait := time.Now().Add(3 * time.Second); ca.Method() != connect.MethodDirect && time.Now().Before(wait); {
+		time.Sleep(20 * time.Millisecond)
+	}
+	return ca, cb
 }
 
 // BenchmarkKernelLabVsIperf3 measures a session stream from a host behind a

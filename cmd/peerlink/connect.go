@@ -20,6 +20,7 @@ import (
 	"peerlink/connect"
 	"peerlink/identity"
 	"peerlink/nat"
+	"peerlink/portmap"
 	"peerlink/relay"
 	"peerlink/relayreg"
 	"peerlink/signal"
@@ -37,6 +38,7 @@ type nodeFlags struct {
 	relayTransport string
 	relayAuto      bool // relay was found in the rendezvous server's registry
 	lan            bool // find and be found on the local link over mDNS
+	portmap        bool // ask the gateway for a port mapping
 	json           bool
 	verbose        bool
 }
@@ -50,6 +52,7 @@ func (f *nodeFlags) register(fs *flag.FlagSet) {
 	fs.StringVar(&f.relayPass, "relay-pass", "", "relay password (default $PEERLINK_RELAY_PASS, which keeps it out of the process list)")
 	fs.StringVar(&f.relayTransport, "relay-transport", "udp", "how to reach the relay: udp, tcp or tls")
 	fs.BoolVar(&f.lan, "lan", false, "find and be found by nodes on the local network over mDNS, with or without a rendezvous server (default $PEERLINK_LAN=1)")
+	fs.BoolVar(&f.portmap, "portmap", false, "ask the router for a port mapping (PCP, NAT-PMP or UPnP IGD) so peers reach this node directly even behind a NAT that cannot be punched (default $PEERLINK_PORTMAP=1)")
 	fs.BoolVar(&f.json, "json", false, "print results as JSON")
 	fs.BoolVar(&f.verbose, "v", false, "debug logging on stderr")
 }
@@ -62,6 +65,7 @@ func (f *nodeFlags) resolve() error {
 	f.relayUser = cmpOr(f.relayUser, os.Getenv("PEERLINK_RELAY_USER"))
 	f.relayPass = cmpOr(f.relayPass, os.Getenv("PEERLINK_RELAY_PASS"))
 	f.lan = f.lan || os.Getenv("PEERLINK_LAN") == "1"
+	f.portmap = f.portmap || os.Getenv("PEERLINK_PORTMAP") == "1"
 	if len(f.stun) == 0 {
 		for s := range strings.SplitSeq(os.Getenv("PEERLINK_STUN"), ",") {
 			if s = strings.TrimSpace(s); s != "" {
@@ -137,6 +141,9 @@ func (f *nodeFlags) startNode(ctx context.Context, id *identity.Identity, sig *s
 	cfg := connect.Config{Identity: id, Signal: sig, STUN: stunAddrs, Logger: log, WatchNetwork: true}
 	if f.lan {
 		cfg.LAN = &connect.LANConfig{}
+	}
+	if f.portmap {
+		cfg.PortMap = &portmap.Config{Logger: log}
 	}
 	if f.relay == "" && sig != nil {
 		f.findRelay(ctx, sig, log)
