@@ -304,7 +304,7 @@ func Start(ctx context.Context, cfg Config) (*Node, error) {
 	if n.signal() != nil {
 		n.wg.Go(n.maintain)
 	}
-	n.log.Info("connect: node up", "node", n.id.NodeID().Short(), "profile", n.profile.String(), "reflexive", n.srflx)
+	n.log.Info("connect: node up", "node", n.id.NodeID().Short(), "profile", n.Profile().String(), "reflexive", n.reflexive())
 	return n, nil
 }
 

@@ -149,7 +149,9 @@ func TestKernelLab(t *testing.T) {
 	var wg sync.WaitGroup
 	for _, s := range w.l.Sites {
 		wg.Go(func() {
-			n := w.node(t, s.Host())
+			// Direct paths that fell back to the relay retry every 5 s rather than
+			// the default 60 s, so the move back is seen within the test.
+			n := w.nodeWith(t, s.Host(), func(c *connect.Config) { c.PathCheck.Retry = 5 * time.Second })
 			mu.Lock()
 			nodes[s.Name] = n
 			mu.Unlock()
@@ -183,35 +185,56 @@ func TestKernelLab(t *testing.T) {
 		})
 	}
 
-	t.Run("direct path cut mid-transfer", func(t *testing.T) {
+	t.Run("direct path cut and healed mid-transfer", func(t *testing.T) {
 		a, b := nodes["pr-1"], nodes["pr-2"]
 		ca, cb := connPair(t, a, b, connect.MethodPunched)
 		sa, sb := sessionPair(t, ca, cb, a.id, b.id)
 		site := w.l.Site("pr-1")
 		peerIP := w.l.Site("pr-2").PublicIP
-		moved := make(chan time.Duration, 1)
+		both := func(m connect.Method, within time.Duration) time.Duration {
+			start := time.Now()
+			for (ca.Method() != m || cb.Method() != m) && time.Since(start) < within {
+				time.Sleep(10 * time.Millisecond)
+			}
+			return time.Since(start)
+		}
+		type moves struct{ away, back time.Duration }
+		moved := make(chan moves, 1)
 		go func() {
+			var mv moves
+			defer func() { moved <- mv }()
 			time.Sleep(time.Second)
 			if err := site.Cut(context.Background(), peerIP); err != nil {
 				t.Errorf("cut: %v", err)
+				return
 			}
-			start := time.Now()
-			for (ca.Method() != connect.MethodRelayed || cb.Method() != connect.MethodRelayed) && time.Since(start) < 15*time.Second {
-				time.Sleep(10 * time.Millisecond)
+			mv.away = both(connect.MethodRelayed, 15*time.Second)
+			if err := site.Cut(context.Background()); err != nil {
+				t.Errorf("heal: %v", err)
+				return
 			}
-			moved <- time.Since(start)
+			mv.back = both(connect.MethodPunched, 20*time.Second)
 		}()
 		defer site.Cut(context.Background())
-		// Paced so that it lasts past the cut and the move whatever the machine's speed.
-		mbps := pacedTransfer(t, sa, sb, 24<<20, 2, 250*time.Millisecond)
-		took := <-moved
-		if ca.Method() != connect.MethodRelayed || cb.Method() != connect.MethodRelayed {
-			t.Fatalf("after the cut: %v / %v, want relayed on both", ca.Method(), cb.Method())
+		// Paced so that it lasts past the cut, the move, the heal and the move back
+		// whatever the machine's speed.
+		mbps := pacedTransfer(t, sa, sb, 48<<20, 2, 250*time.Millisecond)
+		mv := <-moved
+		if mv.away > 5*time.Second {
+			t.Errorf("moving to the relay took %v, want within 5 s", mv.away)
 		}
-		if took > 5*time.Second {
-			t.Errorf("moving to the relay took %v, want within 5 s", took)
+		if ca.Method() != connect.MethodPunched || cb.Method() != connect.MethodPunched {
+			t.Fatalf("after the heal: %v / %v, want punched on both again", ca.Method(), cb.Method())
 		}
-		t.Logf("cut the direct path 1 s in: both sides relayed %v later; 24 MiB intact at %.0f Mbit/s; %+v", took.Round(time.Millisecond), mbps, sa.Stats())
+		if mv.back > 10*time.Second {
+			t.Errorf("moving back took %v, want within the 5 s retry and the pongs it needs", mv.back)
+		}
+		st := ca.Stats()
+		if st.Fallbacks != 1 || st.Restores != 1 {
+			t.Errorf("fallbacks %d, restores %d: want one each (no flapping)", st.Fallbacks, st.Restores)
+		}
+		t.Logf("cut the direct path 1 s in: both sides relayed %v later; healed then: both punched again %v later; 48 MiB intact at %.0f Mbit/s; %+v",
+			mv.away.Round(time.Millisecond), mv.back.Round(time.Millisecond), mbps, sa.Stats())
 		sa.Close()
 		sb.Close()
 	})
