@@ -3,93 +3,46 @@ package connect
 import (
 	"context"
 	"fmt"
-	"net"
 	"net/netip"
-	"sync"
 	"testing"
 	"time"
 
-	"github.com/pion/turn/v4"
-
 	"peerlink/identity"
+	"peerlink/internal/emuworld"
 	"peerlink/nat"
 	"peerlink/natlab"
 	"peerlink/nettype"
 	"peerlink/punch"
 	"peerlink/signal/signaltest"
-	"peerlink/stun"
 )
 
+// The servers' addresses in the emulated world.
 var (
-	stunIP1 = netip.MustParseAddr("203.0.113.10")
-	stunIP2 = netip.MustParseAddr("203.0.113.11")
-	turnIP  = netip.MustParseAddr("203.0.113.30")
+	stunIP1 = emuworld.STUNIP1
+	stunIP2 = emuworld.STUNIP2
+	turnIP  = emuworld.TURNIP
 )
 
-// world is an emulated internet with a two-IP STUN server and a TURN relay, and a real
-// rendezvous server on loopback that every node reaches (signaling is not what the NATs
-// are in the way of).
+// world is the emulated internet of internal/emuworld, with the rendezvous server the
+// test shares among its worlds. (connect/connecttest builds nodes in the same world,
+// but this package's own tests cannot import it.)
 type world struct {
-	t     testing.TB
-	net   *natlab.Network
-	sig   *signaltest.Server
-	stun  []string
+	t   testing.TB
+	w   *emuworld.World
+	sig *signaltest.Server
+	// relay is what new nodes relay through; tests may point it elsewhere.
 	relay *RelayConfig
-	mu    sync.Mutex
-	nats  int
 }
 
 func newWorld(t testing.TB, seed uint64, sig *signaltest.Server) *world {
 	t.Helper()
-	n := natlab.New(natlab.Config{Seed: seed})
-	t.Cleanup(func() { n.Close() })
-	w := &world{t: t, net: n, sig: sig}
-
-	h := n.AddPublicHost("stun", stunIP1, stunIP2)
-	s, err := stun.Listen(context.Background(), stun.Config{Listen: stunIP1.String() + ":3478", AltIP: stunIP2, AltPort: 3479, Net: h, RateLimit: stun.RateLimit{Disabled: true}})
+	w, err := emuworld.Start(emuworld.Config{Seed: seed, SignalURL: sig.URL})
 	if err != nil {
 		t.Fatal(err)
 	}
-	go s.Serve(context.Background())
-	t.Cleanup(func() { s.Close() })
-	w.stun = []string{stunIP1.String() + ":3478"}
-
-	// A TURN server on the emulated internet, allocating relayed addresses there too.
-	th := n.AddPublicHost("turn", turnIP)
-	pc, err := th.ListenPacket(context.Background(), "udp4", turnIP.String()+":3478")
-	if err != nil {
-		t.Fatal(err)
-	}
-	const user, pass, realm = "peer", "secret", "peerlink"
-	key := turn.GenerateAuthKey(user, realm, pass)
-	ts, err := turn.NewServer(turn.ServerConfig{
-		Realm: realm,
-		AuthHandler: func(u, r string, _ net.Addr) ([]byte, bool) {
-			return key, u == user
-		},
-		PacketConnConfigs: []turn.PacketConnConfig{{PacketConn: pc, RelayAddressGenerator: labRelays{th}}},
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ts.Close() })
-	w.relay = &RelayConfig{Server: turnIP.String() + ":3478", Username: user, Password: pass}
-	return w
-}
-
-// labRelays allocates TURN relayed addresses on an emulated host.
-type labRelays struct{ h *natlab.Host }
-
-func (labRelays) Validate() error { return nil }
-func (g labRelays) AllocatePacketConn(network string, port int) (net.PacketConn, net.Addr, error) {
-	c, err := g.h.ListenPacket(context.Background(), "udp4", fmt.Sprintf("%s:%d", turnIP, port))
-	if err != nil {
-		return nil, nil, err
-	}
-	return c, c.LocalAddr(), nil
-}
-func (labRelays) AllocateConn(string, int) (net.Conn, net.Addr, error) {
-	return nil, nil, fmt.Errorf("no TCP relays in the emulator")
+	t.Cleanup(w.Close)
+	return &world{t: t, w: w, sig: sig,
+		relay: &RelayConfig{Server: w.TURN, Username: emuworld.TURNUser, Password: emuworld.TURNPassword}}
 }
 
 // nodeOpts shape one test node.
@@ -109,21 +62,16 @@ type nodeOpts struct {
 func (w *world) node(name string, o nodeOpts) *Node {
 	t := w.t
 	t.Helper()
-	w.mu.Lock()
-	w.nats++
-	i := w.nats
-	w.mu.Unlock()
-	var h *natlab.Host
-	var profile *nat.Profile
+	spec := o.typ.String()
 	if o.open {
-		h = w.net.AddPublicHost(name, netip.AddrFrom4([4]byte{203, 0, 113, byte(100 + i)}))
-		profile = &nat.Profile{Open: true, Mapping: nat.MappingEI, Filtering: nat.FilteringEI, Allocation: nat.AllocationPP}
-	} else {
-		r := w.net.AddNAT(natlab.NATConfig{Name: name + "-nat", Type: o.typ, PublicIP: netip.AddrFrom4([4]byte{198, 51, 100, byte(i)}),
-			Uplink: natlab.Link{Loss: o.loss}})
-		h = r.AddHost(name, netip.AddrFrom4([4]byte{192, 168, byte(i), 2}))
-		profile = &nat.Profile{Mapping: o.typ.Mapping, Filtering: o.typ.Filtering, Allocation: o.typ.Allocation, PortDelta: 1}
+		spec = "open"
 	}
+	site, err := w.w.AddSite(name, emuworld.SiteConfig{NAT: spec, Link: natlab.Link{Loss: o.loss}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := site.Host
+	profile := &site.Profile
 	if o.detect {
 		profile = nil
 	}
@@ -137,7 +85,7 @@ func (w *world) node(name string, o nodeOpts) *Node {
 		netw = o.wrap(h)
 	}
 	cfg := Config{
-		Identity: id, Signal: sc, STUN: w.stun, Net: netw, Profile: profile, PathCheck: o.pathCheck, LAN: o.lan,
+		Identity: id, Signal: sc, STUN: w.w.STUN, Net: netw, Profile: profile, PathCheck: o.pathCheck, LAN: o.lan,
 		LocalIPs: func() ([]netip.Addr, error) { return h.Addrs(), nil },
 		Punch:    punch.Config{Pace: time.Millisecond, ProbeInterval: time.Millisecond, CheckInterval: 20 * time.Millisecond},
 	}

@@ -10,22 +10,19 @@ import (
 	"fmt"
 	"log/slog"
 	"math"
-	"net"
 	"net/netip"
 	"slices"
 	"sync"
 	"time"
 
-	"github.com/pion/turn/v4"
-
 	"peerlink/connect"
 	"peerlink/identity"
+	"peerlink/internal/emuworld"
 	"peerlink/nat"
 	"peerlink/natlab"
 	"peerlink/netlab"
 	"peerlink/punch"
 	"peerlink/signal"
-	"peerlink/stun"
 )
 
 // ErrUnsupportedKind is returned for a NAT kind the emulator cannot host in the demo.
@@ -145,25 +142,10 @@ func (r *Report) Failures() int {
 	return n
 }
 
-var (
-	stunIP1 = netip.MustParseAddr("203.0.113.10")
-	stunIP2 = netip.MustParseAddr("203.0.113.11")
-	turnIP  = netip.MustParseAddr("203.0.113.30")
-)
-
-const turnUser, turnPass, turnRealm = "demo", "demo-secret", "peerlink"
-
 // world is the emulated internet and the servers on it.
 type world struct {
-	cfg     Config
-	net     *natlab.Network
-	stun    *stun.Server
-	stunErr chan error
-	turn    *turn.Server
-	sig     *signal.Server
-	sigURL  string
-	sigStop context.CancelFunc
-	sigErr  chan error
+	cfg Config
+	ew  *emuworld.World
 
 	progressMu sync.Mutex
 }
@@ -216,100 +198,20 @@ func (w *world) progress(format string, args ...any) {
 	}
 }
 
-func newWorld(cfg Config) (_ *world, err error) {
-	w := &world{cfg: cfg, net: natlab.New(natlab.Config{Seed: cfg.Seed})}
-	defer func() {
-		if err != nil {
-			w.close()
-		}
-	}()
-
-	sh := w.net.AddPublicHost("stun", stunIP1, stunIP2)
-	w.stun, err = stun.Listen(context.Background(), stun.Config{
-		Listen: netip.AddrPortFrom(stunIP1, 3478).String(), AltIP: stunIP2, AltPort: 3479,
-		Net: sh, RateLimit: stun.RateLimit{Disabled: true}, Logger: cfg.Logger,
+func newWorld(cfg Config) (*world, error) {
+	ew, err := emuworld.Start(emuworld.Config{
+		Seed: cfg.Seed, Logger: cfg.Logger,
+		// Every peer signs in at once.
+		Signal: signal.Config{RateLimit: 1000, RateBurst: 1000},
 	})
 	if err != nil {
-		return nil, fmt.Errorf("demo: STUN server: %w", err)
+		return nil, fmt.Errorf("demo: %w", err)
 	}
-	w.stunErr = make(chan error, 1)
-	go func() { w.stunErr <- w.stun.Serve(context.Background()) }()
-
-	// peerlink's own relay needs kernel sockets; on the emulator a TURN server that
-	// takes any net.PacketConn stands in for it.
-	th := w.net.AddPublicHost("turn", turnIP)
-	pc, err := th.ListenPacket(context.Background(), "udp4", netip.AddrPortFrom(turnIP, 3478).String())
-	if err != nil {
-		return nil, fmt.Errorf("demo: TURN server: %w", err)
-	}
-	key := turn.GenerateAuthKey(turnUser, turnRealm, turnPass)
-	w.turn, err = turn.NewServer(turn.ServerConfig{
-		Realm: turnRealm,
-		AuthHandler: func(u, _ string, _ net.Addr) ([]byte, bool) {
-			return key, u == turnUser
-		},
-		PacketConnConfigs: []turn.PacketConnConfig{{PacketConn: pc, RelayAddressGenerator: relayAddrs{th}}},
-	})
-	if err != nil {
-		pc.Close()
-		return nil, fmt.Errorf("demo: TURN server: %w", err)
-	}
-
-	// The rendezvous server is real, on loopback: signaling is not what NATs are in the
-	// way of, and the demo shows the real server at work.
-	w.sig, err = signal.NewServer(signal.Config{Logger: cfg.Logger, RateLimit: 1000, RateBurst: 1000})
-	if err != nil {
-		return nil, fmt.Errorf("demo: rendezvous server: %w", err)
-	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return nil, fmt.Errorf("demo: rendezvous server needs a loopback TCP port: %w", err)
-	}
-	var sctx context.Context
-	sctx, w.sigStop = context.WithCancel(context.Background())
-	w.sigErr = make(chan error, 1)
-	go func() { w.sigErr <- w.sig.Serve(sctx, ln) }()
-	w.sigURL = "ws://" + ln.Addr().String() + "/"
-	return w, nil
+	return &world{cfg: cfg, ew: ew}, nil
 }
 
-// close stops the servers and the network; it is safe on a half-built world.
-func (w *world) close() {
-	if w.sigStop != nil {
-		w.sigStop()
-		<-w.sigErr
-	}
-	if w.sig != nil {
-		w.sig.Close()
-	}
-	if w.turn != nil {
-		w.turn.Close()
-	}
-	if w.stun != nil {
-		w.stun.Close()
-		if w.stunErr != nil {
-			<-w.stunErr
-		}
-	}
-	w.net.Close()
-}
-
-// relayAddrs allocates TURN relayed addresses on the emulated relay host.
-type relayAddrs struct{ h *natlab.Host }
-
-func (relayAddrs) Validate() error { return nil }
-
-func (g relayAddrs) AllocatePacketConn(_ string, port int) (net.PacketConn, net.Addr, error) {
-	c, err := g.h.ListenPacket(context.Background(), "udp4", netip.AddrPortFrom(turnIP, uint16(port)).String())
-	if err != nil {
-		return nil, nil, err
-	}
-	return c, c.LocalAddr(), nil
-}
-
-func (relayAddrs) AllocateConn(string, int) (net.Conn, net.Addr, error) {
-	return nil, nil, errors.New("demo: no TCP relaying in the emulator")
-}
+// close stops the servers and the network.
+func (w *world) close() { w.ew.Close() }
 
 // peer is a running demo node and the goroutines answering its connections.
 type peer struct {
@@ -328,28 +230,12 @@ func (p *peer) close() {
 }
 
 // host places a peer of kind k on the emulated internet and returns its host.
-func (w *world) host(i int, name string, k netlab.Kind) *natlab.Host {
-	link := natlab.Link{Latency: w.cfg.Latency}
-	pub := netip.AddrFrom4([4]byte{198, 51, 100, byte(10 + i)})
-	lan := netip.AddrFrom4([4]byte{192, 168, byte(i + 1), 2})
-	typeOf := func(p nat.Profile) nat.Type { return p.Type() }
-	switch k {
-	case netlab.KindNone:
-		h := w.net.AddPublicHost(name, netip.AddrFrom4([4]byte{203, 0, 113, byte(100 + i)}))
-		h.SetLink(link)
-		return h
-	case netlab.KindCGNAT:
-		// A home router behind the carrier's NAT, which maps endpoint-independently,
-		// filters by address and picks random ports.
-		carrier := w.net.AddNAT(natlab.NATConfig{Name: name + "-carrier", PublicIP: pub, Uplink: link,
-			Type: nat.Type{Mapping: nat.MappingEI, Filtering: nat.FilteringHD, Allocation: nat.AllocationRD}})
-		home := w.net.AddNAT(natlab.NATConfig{Name: name + "-home", Parent: carrier, PublicIP: netip.MustParseAddr("100.64.0.2"),
-			Type: typeOf(netlab.KindPortRestricted.Claim())})
-		return home.AddHost(name, lan)
+func (w *world) host(name string, k netlab.Kind) (*natlab.Host, error) {
+	site, err := w.ew.AddSite(name, emuworld.SiteConfig{NAT: k.String(), Link: natlab.Link{Latency: w.cfg.Latency}})
+	if err != nil {
+		return nil, err
 	}
-	claim := k.Claim()
-	r := w.net.AddNAT(natlab.NATConfig{Name: name + "-nat", Type: claim.Type(), Delta: claim.PortDelta, PublicIP: pub, Uplink: link})
-	return r.AddHost(name, lan)
+	return site.Host, nil
 }
 
 // startPeers starts every peer at once, profiling each NAT for real, and fills
@@ -363,12 +249,20 @@ func (w *world) startPeers(ctx context.Context, rep *Report) []*peer {
 		if n := countBefore(w.cfg.Kinds, i); n > 0 {
 			name = fmt.Sprintf("%s-%d", name, n+1)
 		}
-		hosts[i] = w.host(i, name, k)
 		rep.Peers[i] = Peer{Name: name, Kind: k, Expected: netlab.ClaimString(k.Claim())}
+		h, err := w.host(name, k)
+		if err != nil {
+			rep.Peers[i].Error = err.Error()
+			continue
+		}
+		hosts[i] = h
 	}
-	w.progress("world: STUN %s+%s (RFC 5780), TURN %s, rendezvous %s; starting %d peers", stunIP1, stunIP2, turnIP, w.sigURL, len(peers))
+	w.progress("world: STUN %s+%s (RFC 5780), TURN %s, rendezvous %s; starting %d peers", emuworld.STUNIP1, emuworld.STUNIP2, emuworld.TURNIP, w.ew.SignalURL, len(peers))
 	var wg sync.WaitGroup
 	for i := range peers {
+		if hosts[i] == nil {
+			continue
+		}
 		wg.Go(func() {
 			r := &rep.Peers[i]
 			start := time.Now()
@@ -426,14 +320,14 @@ func (w *world) startPeer(ctx context.Context, name string, h *natlab.Host) (*pe
 	}
 	sctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
-	sig, err := signal.Dial(sctx, w.sigURL, id, &signal.Options{Logger: w.cfg.Logger})
+	sig, err := signal.Dial(sctx, w.ew.SignalURL, id, &signal.Options{Logger: w.cfg.Logger})
 	if err != nil {
 		return nil, fmt.Errorf("rendezvous: %w", err)
 	}
 	node, err := connect.Start(sctx, connect.Config{
 		Identity: id, Signal: sig, Net: h, Logger: w.cfg.Logger,
-		STUN:     []string{netip.AddrPortFrom(stunIP1, 3478).String()},
-		Relay:    &connect.RelayConfig{Server: netip.AddrPortFrom(turnIP, 3478).String(), Username: turnUser, Password: turnPass},
+		STUN:     w.ew.STUN,
+		Relay:    &connect.RelayConfig{Server: w.ew.TURN, Username: emuworld.TURNUser, Password: emuworld.TURNPassword},
 		LocalIPs: func() ([]netip.Addr, error) { return h.Addrs(), nil },
 		// The emulator delivers at once: probes can be paced far faster than on a real
 		// network without loss.

@@ -85,21 +85,21 @@ func addPeers(w *world, pr params) []*peer {
 		lan := netip.AddrFrom4([4]byte{10, byte(i / 250), byte(i%250 + 1), 2})
 		switch p.kind {
 		case "open":
-			p.host = w.net.AddPublicHost(p.name, netip.AddrFrom4([4]byte{203, 0, 114, byte(i/len(kinds) + 1)}))
+			p.host = w.Net.AddPublicHost(p.name, netip.AddrFrom4([4]byte{203, 0, 114, byte(i/len(kinds) + 1)}))
 			p.host.SetLink(link)
 			p.prof = nat.Profile{Open: true, Mapping: nat.MappingEI, Filtering: nat.FilteringEI, Allocation: nat.AllocationPP}
 		case "cgnat":
 			if cgn == nil {
-				cgn = w.net.AddNAT(natlab.NATConfig{Name: "cgn", Type: mustType("ei-pd-pp"), PublicIP: netip.MustParseAddr("198.51.99.1"),
+				cgn = w.Net.AddNAT(natlab.NATConfig{Name: "cgn", Type: mustType("ei-pd-pp"), PublicIP: netip.MustParseAddr("198.51.99.1"),
 					MappingTimeout: pr.mappingTimeout, Uplink: link})
 			}
-			p.nat = w.net.AddNAT(natlab.NATConfig{Name: p.name + "-nat", Type: mustType("ei-pd-pp"), Parent: cgn,
+			p.nat = w.Net.AddNAT(natlab.NATConfig{Name: p.name + "-nat", Type: mustType("ei-pd-pp"), Parent: cgn,
 				PublicIP: netip.AddrFrom4([4]byte{100, 64, byte(i / 250), byte(i%250 + 1)}), MappingTimeout: pr.mappingTimeout})
 			p.host = p.nat.AddHost(p.name, lan)
 			p.prof = profileOf(mustType("ei-pd-pp"))
 		default:
 			t := mustType(p.kind)
-			p.nat = w.net.AddNAT(natlab.NATConfig{Name: p.name + "-nat", Type: t, PublicIP: natIP(i),
+			p.nat = w.Net.AddNAT(natlab.NATConfig{Name: p.name + "-nat", Type: t, PublicIP: natIP(i),
 				MappingTimeout: pr.mappingTimeout, Uplink: link})
 			p.host = p.nat.AddHost(p.name, lan)
 			p.prof = profileOf(t)
@@ -133,14 +133,14 @@ func (p *peer) start(w *world, st *stats) (*gen, error) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
-	sc, err := signal.Dial(ctx, w.sig.URL, id, nil)
+	sc, err := signal.Dial(ctx, w.SignalURL, id, nil)
 	if err != nil {
 		return nil, fmt.Errorf("rendezvous: %w", err)
 	}
 	prof := p.prof
 	host := p.host
 	n, err := connect.Start(ctx, connect.Config{
-		Identity: id, Signal: sc, STUN: w.stun, Net: host, Profile: &prof, Relay: w.relay,
+		Identity: id, Signal: sc, STUN: w.STUN, Net: host, Profile: &prof, Relay: w.Relay,
 		LocalIPs: func() ([]netip.Addr, error) { return host.Addrs(), nil },
 		Punch:    punch.Config{Pace: time.Millisecond, ProbeInterval: time.Millisecond, CheckInterval: 20 * time.Millisecond},
 	})
