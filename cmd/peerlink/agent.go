@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math/rand/v2"
 	"net"
 	"strings"
 	"sync"
@@ -24,7 +25,7 @@ func runAgent(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	var nf nodeFlags
 	nf.register(fs)
 	idle := fs.Duration("idle", 5*time.Minute, "close a connection that carries nothing for this long")
-	httpAddr := fs.String("http", "", "serve the agent's status (GET /api/status, JSON) and Prometheus /metrics on this address, e.g. 127.0.0.1:7474")
+	httpAddr := fs.String("http", "", "serve the agent's dashboard (/), status API (/api/status, /api/events, POST /api/connect) and Prometheus /metrics on this address, e.g. 127.0.0.1:7474; a port alone or :PORT binds to localhost only")
 	fs.Usage = func() {
 		fmt.Fprint(stderr, `Usage: peerlink agent [--server URL] [--identity FILE] [--stun HOST:PORT ...] [--relay HOST:PORT]
        [--relay-user U --relay-pass P] [--idle D] [--lan] [--http ADDR] [--json]
@@ -33,10 +34,17 @@ Runs a peerlink node that accepts connections until interrupted: it profiles the
 publishes its candidates on the rendezvous server, prints its NodeID and profile, and
 logs every connection (peer, method, technique). It echoes each datagram back to its
 sender, which is what 'peerlink connect' measures. When the rendezvous connection drops
-it reconnects, waiting longer after each failure (up to 30 s).
+it reconnects, waiting longer after each failure (up to 30 s, each wait varied by up to
+20% so that many agents do not all come back at the same moment).
+
+With --http, a browser at that address shows the dashboard: the node, its NAT profile
+and its changes, every connection with its method, round trip, jitter, loss and
+quality, and a form that connects the agent to another NodeID. The agent pings its
+connections for those figures, and echoes a peer agent's pings.
 
 With --json, stdout carries one JSON object per line: "ready" (node, profile,
-candidates), then "connected", "upgraded" and "closed" for each connection.
+candidates), then "connected" (with "outgoing" for those the dashboard made),
+"upgraded" and "closed" for each connection, and "profile" when the NAT profile changes.
 
 Exit status: 0 after Ctrl-C or SIGTERM, 1 when it cannot start, 2 bad usage.
 
@@ -71,7 +79,7 @@ Flags:
 	}
 	a := &agent{nf: nf, id: id, idle: *idle, stdout: stdout, stderr: stderr, log: nf.logger(stderr), state: newAgentState()}
 	if *httpAddr != "" {
-		ln, err := net.Listen("tcp", *httpAddr)
+		ln, err := net.Listen("tcp", httpListenAddr(*httpAddr))
 		if err != nil {
 			return fmt.Errorf("agent HTTP API: %w (is --http %s free?)", err, *httpAddr)
 		}
@@ -113,6 +121,7 @@ type agentEvent struct {
 	Datagrams         *int         `json:"datagrams,omitempty"`
 	Reason            string       `json:"reason,omitempty"`
 	HTTP              string       `json:"http,omitempty"`
+	Outgoing          bool         `json:"outgoing,omitempty"`
 }
 
 // emit prints ev as a JSON line, or text as a line for people.
@@ -130,8 +139,7 @@ func (a *agent) emit(ev agentEvent, text string) {
 // run serves until ctx ends, reconnecting to the rendezvous server when the connection
 // drops. Only a failure to start at all is an error.
 func (a *agent) run(ctx context.Context) error {
-	const maxBackoff = 30 * time.Second
-	backoff := time.Second
+	b := newBackoff(time.Second, 30*time.Second, reconnectJitter, nil)
 	everUp := false
 	for {
 		up, err := a.serve(ctx, !everUp)
@@ -143,17 +151,49 @@ func (a *agent) run(ctx context.Context) error {
 		}
 		everUp = true
 		if up {
-			backoff = time.Second
+			b.reset()
 		}
-		fmt.Fprintf(a.stderr, "peerlink agent: %v; reconnecting in %v\n", err, backoff)
+		wait := b.next()
+		fmt.Fprintf(a.stderr, "peerlink agent: %v; reconnecting in %v\n", err, wait.Round(time.Millisecond))
+		t := time.NewTimer(wait)
 		select {
-		case <-time.After(backoff):
+		case <-t.C:
 		case <-ctx.Done():
+			t.Stop()
 			return nil
 		}
-		backoff = min(2*backoff, maxBackoff)
 	}
 }
+
+// reconnectJitter varies each reconnection wait by up to ±20%: after a rendezvous
+// server restarts, its agents then come back spread out instead of all at once.
+const reconnectJitter = 0.2
+
+// backoff is an exponential backoff whose every wait is varied at random.
+type backoff struct {
+	first, max, cur time.Duration
+	jitter          float64        // the share a wait may vary either way, 0-1
+	rand            func() float64 // in [0, 1)
+}
+
+// newBackoff returns a backoff from first doubling up to max; a nil rand means
+// math/rand/v2's.
+func newBackoff(first, max time.Duration, jitter float64, rnd func() float64) *backoff {
+	if rnd == nil {
+		rnd = rand.Float64
+	}
+	return &backoff{first: first, max: max, cur: first, jitter: jitter, rand: rnd}
+}
+
+// next returns the next wait: the current step varied by up to ±jitter.
+func (b *backoff) next() time.Duration {
+	d := time.Duration(float64(b.cur) * (1 + b.jitter*(2*b.rand()-1)))
+	b.cur = min(2*b.cur, b.max)
+	return d
+}
+
+// reset starts again from the first step, after a connection that worked.
+func (b *backoff) reset() { b.cur = b.first }
 
 // serve runs one rendezvous connection and node: it accepts connections until ctx ends
 // or the rendezvous connection drops. up reports whether the node got as far as
@@ -187,7 +227,32 @@ func (a *agent) serve(ctx context.Context, first bool) (up bool, err error) {
 		prof = profileOf(own) // with the main socket's reflexive address
 	}
 	cands := candidateStrings(own)
-	a.state.node(a.id.NodeID().String(), a.nf.server, &prof, cands)
+	sctx, cancel := context.WithCancel(ctx)
+	var wg sync.WaitGroup
+	// dialMu orders the dashboard's connections against the end of this node: none
+	// starts serving once the node is stopping.
+	var dialMu sync.Mutex
+	stopping := false
+	dial := func(ctx context.Context, peer identity.NodeID) (*connect.Conn, error) {
+		ctx, cancel := context.WithCancel(ctx)
+		defer context.AfterFunc(sctx, cancel)()
+		defer cancel()
+		c, err := node.Connect(ctx, peer, connect.Options{})
+		if err != nil {
+			return nil, err
+		}
+		dialMu.Lock()
+		defer dialMu.Unlock()
+		if stopping {
+			c.Close()
+			return nil, errNotUp
+		}
+		probe := newProber()
+		a.state.add(c, true, probe) // listed before the dashboard hears of it
+		wg.Go(func() { a.handle(sctx, c, true, probe) })
+		return c, nil
+	}
+	a.state.node(a.id.NodeID().String(), a.nf.server, &prof, cands, dial)
 	if first {
 		a.emit(agentEvent{Event: "ready", Node: a.id.NodeID().String(), Server: a.nf.server, Profile: &prof, Candidates: cands, HTTP: a.httpURL},
 			fmt.Sprintf("node: %s\nprofile: %s\ncandidates: %s\naccepting connections via %s (Ctrl-C to stop)",
@@ -197,38 +262,78 @@ func (a *agent) serve(ctx context.Context, first bool) (up bool, err error) {
 			fmt.Sprintf("%s reconnected to %s; profile: %s", stamp(), a.nf.server, prof))
 	}
 
-	sctx, cancel := context.WithCancel(ctx)
-	var wg sync.WaitGroup
 	wg.Go(func() {
 		for {
 			c, err := node.Accept(sctx)
 			if err != nil {
 				return
 			}
-			wg.Go(func() { a.handle(sctx, c) })
+			wg.Go(func() { a.handle(sctx, c, false, newProber()) })
 		}
 	})
+	if det := node.Detector(); det != nil {
+		changes, unsubscribe := det.Subscribe()
+		wg.Go(func() {
+			defer unsubscribe()
+			for {
+				select {
+				case <-sctx.Done():
+					return
+				case ch := <-changes:
+					a.state.profile(ch.New)
+					a.emit(agentEvent{Event: "profile", Profile: &ch.New}, fmt.Sprintf("%s profile changed: %s", stamp(), ch.New))
+				}
+			}
+		})
+	}
 	select {
 	case <-ctx.Done():
 	case <-sigDone:
 		err = fmt.Errorf("rendezvous connection lost: %w", sig.Err())
 	}
+	a.state.down()
+	dialMu.Lock()
+	stopping = true
+	dialMu.Unlock()
 	// The connections say goodbye to their peers before the node and its signaling go.
 	cancel()
 	wg.Wait()
 	return true, err
 }
 
-// handle serves one accepted connection: it echoes every datagram back and logs the
-// connection's life.
-func (a *agent) handle(ctx context.Context, c *connect.Conn) {
+// handle serves one connection, accepted or made from the dashboard: it echoes every
+// datagram back except the echoes of its own pings, pings the peer every probeInterval
+// for the dashboard's figures, and logs the connection's life.
+func (a *agent) handle(ctx context.Context, c *connect.Conn, outgoing bool, probe *prober) {
 	defer c.Close()
-	a.state.add(c)
+	a.state.add(c, outgoing, probe)
 	defer a.state.remove(c)
 	peer := c.Peer()
 	method, st := c.Method(), c.Stats()
-	a.emit(agentEvent{Event: "connected", Peer: peer.String(), Method: method.String(), Technique: c.Technique().String(), TimeToFirstPathMS: ptr(ms(st.FirstPath))},
-		fmt.Sprintf("%s peer %s: connected, %s (technique %s) after %v", stamp(), peer, method, c.Technique(), st.FirstPath.Round(time.Microsecond)))
+	verb := "connected"
+	if outgoing {
+		verb = "connected (from the dashboard)"
+	}
+	a.emit(agentEvent{Event: "connected", Peer: peer.String(), Method: method.String(), Technique: c.Technique().String(), TimeToFirstPathMS: ptr(ms(st.FirstPath)), Outgoing: outgoing},
+		fmt.Sprintf("%s peer %s: %s, %s (technique %s) after %v", stamp(), peer, verb, method, c.Technique(), st.FirstPath.Round(time.Microsecond)))
+
+	pctx, stopPings := context.WithCancel(ctx)
+	var pings sync.WaitGroup
+	defer pings.Wait()
+	defer stopPings()
+	pings.Go(func() {
+		t := time.NewTicker(probeInterval)
+		defer t.Stop()
+		for {
+			c.Send(probe.ping(time.Now())) // ErrNoPath while the path settles: the ping is lost
+			select {
+			case <-pctx.Done():
+				return
+			case <-t.C:
+			}
+		}
+	})
+
 	n := 0
 	for {
 		rctx, cancelRecv := context.WithTimeout(ctx, a.idle)
@@ -248,19 +353,22 @@ func (a *agent) handle(ctx context.Context, c *connect.Conn) {
 				fmt.Sprintf("%s peer %s: closed after %d datagrams (%s)", stamp(), peer, n, reason))
 			return
 		}
-		n++
-		if err := c.Send(b); err != nil {
-			if a.log != nil {
-				a.log.Debug("agent: echo failed", "peer", peer.Short(), "err", err)
+		if !probe.echo(b, time.Now()) {
+			n++
+			if err := c.Send(b); err != nil {
+				if a.log != nil {
+					a.log.Debug("agent: echo failed", "peer", peer.Short(), "err", err)
+				}
+			} else {
+				a.state.echoedOne(c)
 			}
-		} else {
-			a.state.echoedOne(c)
 		}
 		if m := c.Method(); m != method {
 			method = m
 			d := c.Stats().ToDirect
 			a.emit(agentEvent{Event: "upgraded", Peer: peer.String(), Method: m.String(), Technique: c.Technique().String(), TimeToDirectMS: ptr(ms(d))},
 				fmt.Sprintf("%s peer %s: now %s after %v", stamp(), peer, m, d.Round(time.Microsecond)))
+			a.state.changes.notify()
 		}
 	}
 }

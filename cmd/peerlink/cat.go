@@ -1,18 +1,24 @@
 package main
 
 import (
+	"bufio"
 	"context"
+	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
 	"io"
+	"log/slog"
 	"os"
 	"sync"
 	"time"
 
+	"github.com/quic-go/quic-go"
+
 	"peerlink/connect"
 	"peerlink/identity"
 	"peerlink/session"
+	"peerlink/signal"
 )
 
 // catStdin is what peerlink cat sends; a variable so tests in this process could swap
@@ -70,43 +76,23 @@ Flags:
 	if err := nf.resolve(); err != nil {
 		return err
 	}
-	id, err := nf.loadIdentity()
+	p, err := startClient(ctx, &nf, stderr)
 	if err != nil {
 		return err
 	}
-	log := nf.logger(stderr)
-	sig, err := nf.dial(ctx, id, log)
-	if err != nil {
-		return err
-	}
-	if sig != nil {
-		defer sig.Close()
-	}
-	node, err := nf.startNode(ctx, id, sig, log)
-	if err != nil {
-		return err
-	}
-	defer node.Close()
-
-	var conn *connect.Conn
+	defer p.Close()
+	var sess *session.Session
 	if *listen {
-		fmt.Fprintf(stderr, "peerlink cat: listening as %s\n", id.NodeID())
-		if conn, err = node.Accept(ctx); err != nil {
+		fmt.Fprintf(stderr, "peerlink cat: listening as %s\n", p.id.NodeID())
+		conn, err := p.node.Accept(ctx)
+		if err != nil {
 			return fmt.Errorf("accepting: %w", err)
 		}
-	} else {
-		cctx, cancel := context.WithTimeout(ctx, *timeout)
-		conn, err = node.Connect(cctx, target, connect.Options{Timeout: *timeout})
-		cancel()
-		if err != nil {
-			return fmt.Errorf("connecting to %s: %w", target.Short(), err)
+		if sess, err = p.secure(ctx, conn, *timeout); err != nil {
+			return err
 		}
-	}
-	sctx, cancel := context.WithTimeout(ctx, *timeout)
-	sess, err := session.New(sctx, conn, session.Config{Identity: id, Logger: log})
-	cancel()
-	if err != nil {
-		return fmt.Errorf("encrypted session with %s: %w", conn.Peer().Short(), err)
+	} else if sess, err = p.dial(ctx, target, *timeout, "peerlink cat --listen"); err != nil {
+		return err
 	}
 	defer sess.Close()
 	var st *session.Stream
@@ -152,4 +138,131 @@ Flags:
 		ack.Read(make([]byte, 1))
 	}
 	return nil
+}
+
+// clientNode is the node a client command (cat, chat, send, receive, tunnel) runs on,
+// with its identity and rendezvous connection.
+type clientNode struct {
+	nf   *nodeFlags
+	id   *identity.Identity
+	sig  *signal.Client // nil on the local network only
+	node *connect.Node
+	log  *slog.Logger
+}
+
+// startClient loads the identity, reaches the rendezvous server and starts a node. nf
+// must have been resolved.
+func startClient(ctx context.Context, nf *nodeFlags, stderr io.Writer) (*clientNode, error) {
+	id, err := nf.loadIdentity()
+	if err != nil {
+		return nil, err
+	}
+	log := nf.logger(stderr)
+	sig, err := nf.dial(ctx, id, log)
+	if err != nil {
+		return nil, err
+	}
+	node, err := nf.startNode(ctx, id, sig, log)
+	if err != nil {
+		if sig != nil {
+			sig.Close()
+		}
+		return nil, err
+	}
+	return &clientNode{nf: nf, id: id, sig: sig, node: node, log: log}, nil
+}
+
+// Close stops the node, which says goodbye to its peers, then leaves the rendezvous
+// server.
+func (p *clientNode) Close() {
+	p.node.Close()
+	if p.sig != nil {
+		p.sig.Close()
+	}
+}
+
+// dial connects to target and starts an encrypted session with it. other is what target
+// has to run (say "peerlink receive"), for the advice in errors.
+func (p *clientNode) dial(ctx context.Context, target identity.NodeID, timeout time.Duration, other string) (*session.Session, error) {
+	if target == p.id.NodeID() {
+		return nil, fmt.Errorf("%w: %s is this node's own NodeID (use another --identity for one of the two ends)", errUsage, target.Short())
+	}
+	cctx, cancel := context.WithTimeout(ctx, timeout)
+	conn, err := p.node.Connect(cctx, target, connect.Options{Timeout: timeout})
+	cancel()
+	switch {
+	case err == nil:
+	case errors.Is(err, connect.ErrPeerOffline):
+		return nil, fmt.Errorf("peer %s is not connected to the rendezvous server %s: run '%s' on it first, with the same --server: %w", target, p.nf.server, other, err)
+	case errors.Is(err, connect.ErrNoRelay) && (p.nf.relay == "" || p.nf.relay == "none"):
+		return nil, fmt.Errorf("no direct path to %s and no relay to fall back on: pass --relay HOST:PORT or set PEERLINK_RELAY (run 'peerlink relay' for one): %w", target.Short(), err)
+	case errors.Is(err, connect.ErrTimeout), errors.Is(err, context.DeadlineExceeded):
+		return nil, fmt.Errorf("no path to %s within %v: it may not be reachable over UDP; pass --relay HOST:PORT, or a longer --timeout: %w", target.Short(), timeout, err)
+	default:
+		return nil, fmt.Errorf("connecting to %s: %w", target.Short(), err)
+	}
+	return p.secure(ctx, conn, timeout)
+}
+
+// secure starts the encrypted session on conn, which it owns from then on.
+func (p *clientNode) secure(ctx context.Context, conn *connect.Conn, timeout time.Duration) (*session.Session, error) {
+	sctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	sess, err := session.New(sctx, conn, session.Config{Identity: p.id, Logger: p.log})
+	if err != nil {
+		return nil, fmt.Errorf("encrypted session with %s: %w", conn.Peer().Short(), err)
+	}
+	return sess, nil
+}
+
+// errLineTooLong: a peer sent a line longer than its protocol allows.
+var errLineTooLong = errors.New("line too long")
+
+// readLine reads one '\n'-terminated line of at most max bytes (the newline excluded)
+// from r, so a peer cannot make this side buffer without bound. A last line without a
+// newline is returned with io.ErrUnexpectedEOF.
+func readLine(r *bufio.Reader, max int) ([]byte, error) {
+	var line []byte
+	for {
+		chunk, err := r.ReadSlice('\n')
+		if len(line)+len(chunk) > max+1 {
+			return nil, fmt.Errorf("%w: over %d bytes", errLineTooLong, max)
+		}
+		line = append(line, chunk...)
+		switch {
+		case err == nil:
+			return line[:len(line)-1], nil
+		case errors.Is(err, bufio.ErrBufferFull):
+			continue
+		case errors.Is(err, io.EOF) && len(line) > 0:
+			return line, io.ErrUnexpectedEOF
+		}
+		return nil, err
+	}
+}
+
+// writeJSONLine writes v as one line of JSON.
+func writeJSONLine(w io.Writer, v any) error {
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	_, err = w.Write(append(b, '\n'))
+	return err
+}
+
+// clockTime is a time of day for people, as chat and tunnel lines start with.
+func clockTime(t time.Time) string { return t.Format("15:04:05") }
+
+// peerClosed reports whether a session ended because the peer closed it, as it does
+// when it finishes or is stopped, rather than by a failure.
+func peerClosed(err error) bool {
+	var ae *quic.ApplicationError
+	return errors.As(err, &ae) && ae.Remote && ae.ErrorCode == 0
+}
+
+// peerReset reports whether the peer abandoned a stream (it was stopped, or gave up).
+func peerReset(err error) bool {
+	var se *quic.StreamError
+	return errors.As(err, &se) && se.Remote
 }

@@ -28,14 +28,18 @@ func commands() map[string]command {
 		"agent":      {"run a node that accepts connections and echoes datagrams (the other end of connect)", runAgent},
 		"demo":       {"run peerlink end to end in an emulated internet: NAT profiles and a who-connects-how matrix", runDemo},
 		"cat":        {"netcat across NATs: stdin and stdout over an encrypted stream to a node", runCat},
+		"chat":       {"chat across NATs: stdin lines as messages to a node, its messages on stdout", runChat},
 		"connect":    {"connect to a node and report how: method, technique, time to first byte", runConnect},
 		"id":         {"print this node's NodeID (creating its identity on first use)", runID},
 		"lab":        {"build, test and tear down the kernel NAT lab (root)", runLab},
 		"netcheck":   {"profile the local NAT: mapping, filtering, allocation, public address", runNetcheck},
+		"receive":    {"receive a file sent with 'peerlink send', checked with SHA-256, into a directory", runReceive},
 		"relay":      {"run a TURN relay (RFC 8656)", runRelay},
+		"send":       {"send a file to a node running 'peerlink receive', with progress and a SHA-256 check", runSend},
 		"serve":      {"run every server in one process: rendezvous, STUN (RFC 5780) and TURN relay", runServe},
 		"rendezvous": {"run the rendezvous (signaling) server alone", runRendezvous},
 		"stun":       {"run a STUN server (RFC 8489, RFC 5780 with --alt-ip)", runSTUN},
+		"tunnel":     {"TCP tunnel across NATs: expose a local port, or forward one to a node's exposed port", runTunnel},
 		"version":    {"print the version", runVersion},
 	}
 }

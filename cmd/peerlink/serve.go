@@ -79,13 +79,15 @@ type serveSettings struct {
 	relayBandwidth, relayCapacity   int64
 	relayIdle                       time.Duration
 	relayLoopback, relayPrivate     bool
+
+	dash *serveDashboard // with --metrics: the servers the dashboard shows
 }
 
 func (s *serveSettings) register(fs *flag.FlagSet) {
 	fs.StringVar(&s.config, "config", "", "config file: JSON object or KEY=VALUE lines, keys named as these flags (default $PEERLINK_CONFIG)")
 	fs.StringVar(&s.logFormat, "log-format", "text", "log format on stderr: text or json")
 	fs.StringVar(&s.logLevel, "log-level", "info", "least severe log level: debug, info, warn or error")
-	fs.StringVar(&s.metrics, "metrics", "", "serve Prometheus metrics at /metrics and a health check at /healthz on this TCP address (default: none)")
+	fs.StringVar(&s.metrics, "metrics", "", "serve Prometheus metrics at /metrics, a health check at /healthz and a live dashboard at / on this TCP address (default: none)")
 
 	fs.StringVar(&s.listen, "listen", "", "rendezvous TCP address (default :8080, or :8443 with --cert; off: no rendezvous server)")
 	fs.StringVar(&s.cert, "cert", "", "TLS certificate chain (PEM): the rendezvous serves wss://, and the relay's --relay-tls-listen uses it (needs --key)")
@@ -430,6 +432,7 @@ func serve(ctx context.Context, s *serveSettings, stdout io.Writer, log *slog.Lo
 	if s.metrics != "" {
 		reg = prometheus.NewRegistry()
 		registerer = reg
+		s.dash = newServeDashboard()
 	}
 
 	var servers []server
@@ -472,7 +475,8 @@ func serve(ctx context.Context, s *serveSettings, stdout io.Writer, log *slog.Lo
 		servers = append(servers, sv)
 	}
 	if reg != nil {
-		sv, err := startMetrics(ctx, s.metrics, reg, stdout, log)
+		servers = append(servers, server{name: "dashboard", run: s.dash.run, stop: s.dash.stop})
+		sv, err := startMetrics(ctx, s.metrics, reg, s.dash, stdout, log)
 		if err != nil {
 			stopAll()
 			return err
@@ -548,6 +552,9 @@ func (s *serveSettings) startSTUN(ctx context.Context, stdout io.Writer, log *sl
 			return server{}, fmt.Errorf("%w: stun: %v", errUsage, err)
 		}
 		return server{}, fmt.Errorf("stun: %w (is --stun-listen %s free?)", err, s.stunListen)
+	}
+	if s.dash != nil {
+		s.dash.stun = srv
 	}
 	line := fmt.Sprintf("stun udp %v", srv.UDPAddr(0))
 	if srv.RFC5780() {
@@ -651,6 +658,9 @@ func (s *serveSettings) startRelay(stdout io.Writer, log *slog.Logger, reg prome
 		}
 		return server{}, fmt.Errorf("relay: %w (is --relay-listen %s free?)", err, s.relayListen)
 	}
+	if s.dash != nil {
+		s.dash.relay = srv
+	}
 	addrs := srv.Addrs()
 	for _, t := range []relay.Transport{relay.UDP, relay.TCP, relay.TLS} {
 		for _, ap := range addrs[t] {
@@ -735,6 +745,9 @@ func (s *serveSettings) startRendezvous(ctx context.Context, stdout io.Writer, l
 	if err != nil {
 		return server{}, fmt.Errorf("rendezvous: %w", err)
 	}
+	if s.dash != nil {
+		s.dash.sig, s.dash.relays = srv, relayreg.NewRegistry(st, nil)
+	}
 	addr, scheme := s.listen, "ws"
 	if s.cert != "" {
 		scheme = "wss"
@@ -762,7 +775,7 @@ func (s *serveSettings) startRendezvous(ctx context.Context, stdout io.Writer, l
 	}, nil
 }
 
-func startMetrics(ctx context.Context, addr string, reg *prometheus.Registry, stdout io.Writer, log *slog.Logger) (server, error) {
+func startMetrics(ctx context.Context, addr string, reg *prometheus.Registry, dash *serveDashboard, stdout io.Writer, log *slog.Logger) (server, error) {
 	var lc net.ListenConfig
 	ln, err := lc.Listen(ctx, "tcp", addr)
 	if err != nil {
@@ -771,8 +784,18 @@ func startMetrics(ctx context.Context, addr string, reg *prometheus.Registry, st
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { io.WriteString(w, "ok\n") })
+	if dash != nil {
+		// The dashboard is guarded against other web pages; scrapers of /metrics may
+		// use any Host name.
+		dmux := http.NewServeMux()
+		dash.routes(dmux)
+		mux.Handle("/", guard(dmux))
+	}
 	hs := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 	fmt.Fprintf(stdout, "metrics http://%s/metrics\n", ln.Addr())
+	if dash != nil {
+		fmt.Fprintf(stdout, "dashboard http://%s/\n", ln.Addr())
+	}
 	log.Info("metrics listening", "addr", ln.Addr())
 	return server{
 		name: "metrics",
