@@ -18,6 +18,8 @@ check avahi-browse avahi-utils
 check dbus-daemon dbus-daemon
 check miniupnpd miniupnpd-nftables
 check iperf3 iperf3
+check chromium chromium
+check tinyproxy tinyproxy
 
 if [ ${#need[@]} -eq 0 ]; then
   exit 0
@@ -40,3 +42,6 @@ if command -v systemctl >/dev/null 2>&1; then systemctl stop avahi-daemon.socket
 pkill -x avahi-daemon >/dev/null 2>&1 || true
 pkill -x miniupnpd >/dev/null 2>&1 || true
 if command -v systemctl >/dev/null 2>&1; then systemctl stop iperf3 >/dev/null 2>&1 || true; fi
+# tinyproxy starts on install; the proxy tests run their own on a loopback port.
+if command -v systemctl >/dev/null 2>&1; then systemctl stop tinyproxy >/dev/null 2>&1 || true; fi
+pkill -x tinyproxy >/dev/null 2>&1 || true
