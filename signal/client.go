@@ -47,9 +47,30 @@ type Options struct {
 	Logger *slog.Logger
 	// Clock is the time source; nil means the real clock.
 	Clock clock.Clock
-	// DialContext opens the TCP connection to the server; nil means the host's network.
-	// A kernel-lab host's DialContext reaches servers inside the lab.
+	// DialContext opens the TCP connection to the server, or to the proxy when one is
+	// used; nil means the host's network. A kernel-lab host's DialContext reaches
+	// servers inside the lab.
 	DialContext func(ctx context.Context, network, address string) (net.Conn, error)
+	// Proxy picks the HTTP proxy to reach the server through, given a request for the
+	// server's URL as http:// (for ws) or https:// (for wss). nil means
+	// EnvironmentProxy (http.ProxyFromEnvironment: HTTPS_PROXY, HTTP_PROXY and
+	// NO_PROXY; never for loopback servers). DirectOnly never uses one. Both ws and wss
+	// tunnel through the proxy with HTTP CONNECT; user info in the proxy's URL is sent
+	// as Basic proxy authentication. Only http:// proxies are supported.
+	Proxy func(*http.Request) (*url.URL, error)
+
+	// RelayBacklog is how many relay sessions opened to this node may wait for
+	// AcceptRelay; more are refused. Zero means 16.
+	RelayBacklog int
+	// RelayRecvQueue is how many datagrams may wait for each relay session's reader;
+	// more are dropped and counted. Zero means 1024.
+	RelayRecvQueue int
+	// RelaySendQueue bounds the bytes of datagrams waiting to be written to the server,
+	// all sessions together; more are dropped and counted. Zero means 512 KiB.
+	RelaySendQueue int
+	// RelayFilter decides whether to offer an incoming relay session to AcceptRelay
+	// (true) or refuse it at once; nil offers every one.
+	RelayFilter func(from identity.NodeID, tag string) bool
 }
 
 // ClientStats are a client's counters.
@@ -80,6 +101,9 @@ type Client struct {
 	wg        sync.WaitGroup
 
 	nReceived, nRejected, nDropped atomic.Uint64
+
+	maxFrame int // the server's frame limit, from its challenge
+	rl       clientRelay
 }
 
 // Dial connects to the rendezvous server at rawURL (ws://, wss://, http:// or https://)
@@ -94,6 +118,9 @@ func Dial(ctx context.Context, rawURL string, id *identity.Identity, opts *Optio
 	o.MaxFrame = cmp.Or(o.MaxFrame, 1<<20)
 	o.PingInterval = cmp.Or(o.PingInterval, 30*time.Second)
 	o.WriteTimeout = cmp.Or(o.WriteTimeout, 10*time.Second)
+	o.RelayBacklog = cmp.Or(o.RelayBacklog, 16)
+	o.RelayRecvQueue = cmp.Or(o.RelayRecvQueue, 1024)
+	o.RelaySendQueue = cmp.Or(o.RelaySendQueue, 512<<10)
 	u, err := url.Parse(rawURL)
 	if err != nil {
 		return nil, fmt.Errorf("signal: %w", err)
@@ -106,9 +133,25 @@ func Dial(ctx context.Context, rawURL string, id *identity.Identity, opts *Optio
 	default:
 		return nil, fmt.Errorf("signal: URL %q: scheme must be ws, wss, http or https", rawURL)
 	}
-	dopts := &websocket.DialOptions{Subprotocols: []string{Subprotocol}}
-	if o.TLSConfig != nil || o.DialContext != nil {
-		dopts.HTTPClient = &http.Client{Transport: &http.Transport{TLSClientConfig: o.TLSConfig, DialContext: o.DialContext}}
+	dial := o.DialContext
+	if dial == nil {
+		dial = (&net.Dialer{}).DialContext
+	}
+	proxy, err := proxyFor(&o, u)
+	if err != nil {
+		return nil, err
+	}
+	if proxy != nil {
+		direct := dial
+		dial = func(ctx context.Context, _, addr string) (net.Conn, error) {
+			return dialConnect(ctx, direct, proxy, addr)
+		}
+	}
+	// The transport's own proxy support is off: for ws:// it would forward a plain
+	// request instead of tunnelling, which proxies do not reliably upgrade.
+	dopts := &websocket.DialOptions{
+		Subprotocols: []string{Subprotocol},
+		HTTPClient:   &http.Client{Transport: &http.Transport{TLSClientConfig: o.TLSConfig, DialContext: dial}},
 	}
 	ws, _, err := websocket.Dial(ctx, u.String(), dopts)
 	if err != nil {
@@ -126,6 +169,8 @@ func Dial(ctx context.Context, rawURL string, id *identity.Identity, opts *Optio
 		pending: make(map[uint64]chan Frame),
 		done:    make(chan struct{}),
 	}
+	c.rl.incoming = make(chan *RelayConn, o.RelayBacklog)
+	c.rl.wake = make(chan struct{}, 1)
 	if c.log == nil {
 		c.log = slog.New(slog.DiscardHandler)
 	}
@@ -134,6 +179,7 @@ func Dial(ctx context.Context, rawURL string, id *identity.Identity, opts *Optio
 		return nil, err
 	}
 	c.wg.Go(c.readLoop)
+	c.wg.Go(c.relayWriteLoop)
 	if o.PingInterval > 0 {
 		c.wg.Go(c.pingLoop)
 	}
@@ -153,6 +199,10 @@ func (c *Client) handshake(ctx context.Context, host string) error {
 	var ch challengeBody
 	if err := json.Unmarshal(f.Body, &ch); err != nil || ch.Nonce == "" {
 		return fmt.Errorf("signal: bad challenge from server")
+	}
+	c.maxFrame = ch.MaxFrame
+	if c.maxFrame < RelayHeaderLen+MaxRelayPayload {
+		c.maxFrame = RelayHeaderLen + MaxRelayPayload
 	}
 	node := c.id.NodeID()
 	sig := c.id.Sign(AuthSigningInput(host, ch.Nonce, node))
@@ -219,13 +269,16 @@ func (c *Client) readLoop() {
 			c.shutdown(connError(err))
 			return
 		}
-		if typ != websocket.MessageText {
-			c.log.Warn("binary frame from server ignored")
+		if typ == websocket.MessageBinary {
+			c.relayData(data)
 			continue
 		}
 		f, err := ParseFrame(data)
 		if err != nil {
 			c.log.Warn("unreadable frame from server", "err", err)
+			continue
+		}
+		if c.relayFrame(f) {
 			continue
 		}
 		switch {
@@ -235,9 +288,12 @@ func (c *Client) readLoop() {
 			c.mu.Lock()
 			ch := c.pending[f.ID]
 			delete(c.pending, f.ID)
-			c.mu.Unlock()
 			if ch != nil {
-				ch <- f
+				ch <- f // buffered, and under the lock so an abandoning request sees it
+			}
+			c.mu.Unlock()
+			if ch == nil {
+				c.abandoned(f)
 			}
 		case f.Type == TypeError:
 			c.log.Warn("error from server", "err", decodeError(f.Body))
@@ -345,7 +401,16 @@ func (c *Client) roundTrip(ctx context.Context, build func(id uint64) ([]byte, e
 	defer func() {
 		c.mu.Lock()
 		delete(c.pending, id)
+		var late *Frame
+		select {
+		case f := <-ch: // answered as the request was given up
+			late = &f
+		default:
+		}
 		c.mu.Unlock()
+		if late != nil {
+			c.abandoned(*late)
+		}
 	}()
 	// Not ctx: a write cut short by a cancelled context closes the whole connection.
 	wctx, cancel := context.WithTimeout(context.Background(), c.opts.WriteTimeout)

@@ -32,6 +32,15 @@ const (
 	CodeReplaced        Code = "replaced"         // the node connected again elsewhere on this server
 	CodeShuttingDown    Code = "shutting_down"    // the server is stopping
 	CodeInternal        Code = "internal"         // a server fault (store unreachable, ...)
+
+	// Relay sessions (docs/protocol.md section 12).
+	CodeRelayRefused     Code = "relay_refused"     // the target refused the session
+	CodeRelayTimeout     Code = "relay_timeout"     // the target did not answer in time
+	CodeRelayClosed      Code = "relay_closed"      // the peer closed the session or left
+	CodeRelayFlood       Code = "relay_flood"       // far over the bandwidth limit: session closed
+	CodeUnknownSession   Code = "unknown_session"   // a relay frame or request for a session never opened
+	CodeTooManySessions  Code = "too_many_sessions" // the connection's session limit is reached
+	CodeRelayUnavailable Code = "relay_unavailable" // the server does not relay
 )
 
 // Error is a protocol error: a code and a human-readable message. errors.Is matches any
@@ -83,6 +92,14 @@ var (
 	ErrReplaced        = &Error{Code: CodeReplaced}
 	ErrShuttingDown    = &Error{Code: CodeShuttingDown}
 	ErrInternal        = &Error{Code: CodeInternal}
+
+	ErrRelayRefused     = &Error{Code: CodeRelayRefused}
+	ErrRelayTimeout     = &Error{Code: CodeRelayTimeout}
+	ErrRelayClosed      = &Error{Code: CodeRelayClosed}
+	ErrRelayFlood       = &Error{Code: CodeRelayFlood}
+	ErrUnknownSession   = &Error{Code: CodeUnknownSession}
+	ErrTooManySessions  = &Error{Code: CodeTooManySessions}
+	ErrRelayUnavailable = &Error{Code: CodeRelayUnavailable}
 )
 
 // ErrClosed is returned by a Client's methods after Close.

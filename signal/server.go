@@ -11,6 +11,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"net/http"
@@ -92,6 +93,10 @@ type Config struct {
 	// Host header of their WebSocket request.
 	AuthHost string
 
+	// Relay configures relay sessions between nodes through this server; the zero
+	// value relays with RelayConfig's default limits.
+	Relay RelayConfig
+
 	// Logger receives connection events; nil means quiet.
 	Logger *slog.Logger
 	// Clock is the time source; nil means the real clock.
@@ -110,6 +115,7 @@ func (c *Config) setDefaults() {
 	c.WriteTimeout = cmp.Or(c.WriteTimeout, 10*time.Second)
 	c.SendQueue = cmp.Or(c.SendQueue, 64)
 	c.StoreTimeout = cmp.Or(c.StoreTimeout, 5*time.Second)
+	c.Relay.setDefaults()
 }
 
 // Stats are a server's counters.
@@ -140,6 +146,8 @@ type Server struct {
 
 	nConns, nAuthed            atomic.Int64
 	nRouted, nErrors, nAbusive atomic.Uint64
+
+	rl serverRelay
 }
 
 // NewServer returns a server. It loads the TLS certificate now, so a bad one fails here.
@@ -240,6 +248,7 @@ func (s *Server) Close() error {
 	}
 	s.mu.Unlock()
 	s.wg.Wait()
+	s.stopRelayRouter()
 	if s.ownStore {
 		return s.store.Close()
 	}
@@ -329,6 +338,8 @@ type conn struct {
 	tokensAt, errAt   time.Time
 	recent            []string // ring of recent nonces, made on first use
 	recentAt          int
+
+	rl connRelay
 }
 
 type closeReq struct {
@@ -345,7 +356,7 @@ func (s *Server) newConn(ws *websocket.Conn, host, remote string) *conn {
 	var n [24]byte
 	rand.Read(n[:])
 	now := s.clock.Now()
-	return &conn{
+	c := &conn{
 		s:          s,
 		ws:         ws,
 		host:       host,
@@ -359,6 +370,8 @@ func (s *Server) newConn(ws *websocket.Conn, host, remote string) *conn {
 		tokensAt:   now,
 		errAt:      now,
 	}
+	c.initRelay(now)
+	return c
 }
 
 // fail closes the connection with status, telling the client why first. Safe from any
@@ -400,7 +413,16 @@ func (c *conn) serve() {
 	})
 	defer authTimer.Stop()
 	for {
-		typ, data, err := c.ws.Read(context.Background())
+		typ, r, err := c.ws.Reader(context.Background())
+		var data []byte
+		if err == nil {
+			if typ == websocket.MessageBinary {
+				// Relay datagrams, read into a reused buffer: forwarding copies them.
+				data, err = c.readBinary(r)
+			} else {
+				data, err = io.ReadAll(r)
+			}
+		}
 		if err != nil {
 			if websocket.CloseStatus(err) == websocket.StatusMessageTooBig || errors.Is(err, websocket.ErrMessageTooBig) {
 				c.s.nErrors.Add(1)
@@ -412,8 +434,12 @@ func (c *conn) serve() {
 		if c.failed.Load() {
 			continue // closing: drain until the close handshake ends the read
 		}
-		if typ != websocket.MessageText {
-			c.reject(0, errorf(CodeMalformed, "frames are JSON text, not binary"))
+		if typ == websocket.MessageBinary {
+			if c.id.IsZero() {
+				c.reject(0, errorf(CodeUnauthenticated, "authenticate before sending relay frames"))
+				continue
+			}
+			c.relayData(data)
 			continue
 		}
 		c.handle(data)
@@ -426,6 +452,7 @@ func (c *conn) cleanup() {
 	c.ws.CloseNow()
 	c.fail(websocket.StatusNormalClosure, nil)
 	<-c.writerDone
+	c.closeAllLegs()
 	if c.detach != nil {
 		c.detach()
 	}
@@ -484,6 +511,10 @@ func (c *conn) writeLoop() {
 		case req := <-c.quit:
 			c.closeWith(req)
 			return
+		case <-c.rl.wake:
+			if !c.flushRelay() {
+				return
+			}
 		case <-ping:
 			// Liveness is judged by what the reader has seen, not by waiting for a
 			// pong here: a loaded server may read the pong late, and waiting would
@@ -605,6 +636,9 @@ func (c *conn) enqueue(f []byte) error {
 	if c.failed.Load() {
 		return store.ErrNoRoute
 	}
+	if len(f) > 0 && f[0] == relayInternal {
+		return c.relayHandle(f)
+	}
 	select {
 	case c.out <- f:
 		return nil
@@ -688,6 +722,12 @@ func (c *conn) handle(data []byte) {
 		c.relayRegister(f)
 	case f.Type == TypeRelayList:
 		c.relayList(f)
+	case f.Type == TypeRelayOpen:
+		c.relayOpen(f)
+	case f.Type == TypeRelayReady:
+		c.relayAccept(f)
+	case f.Type == TypeRelayClose:
+		c.relayClose(f)
 	case f.Type == TypeAuth:
 		c.reject(f.ID, errorf(CodeMalformed, "already authenticated"))
 	default:
