@@ -503,6 +503,10 @@ func (c *Conn) relayPing(ctx context.Context, peer netip.AddrPort) {
 	c.mu.Unlock()
 	ping := appendFrame(nil, c.sendID, kindPing, nil)
 	to := net.UDPAddrFromAddrPort(peer)
+	// Pings unanswered for a while may mean this node's allocation is gone (the relay
+	// restarted while the node was idle): have it checked once, so that it is made
+	// again and this connection still comes up within its timeout (relayMoved).
+	checkAt := c.n.clock.Now().Add(c.n.cfg.PathCheck.timeout())
 	for sent := 0; ; sent++ {
 		c.mu.Lock()
 		up := c.relayUp
@@ -513,6 +517,10 @@ func (c *Conn) relayPing(ctx context.Context, peer netip.AddrPort) {
 		}
 		if _, err := rc.WriteTo(ping, to); err != nil {
 			c.n.log.Debug("connect: relay ping", "peer", c.peer.Short(), "to", peer, "err", err)
+		}
+		if !checkAt.IsZero() && c.n.clock.Now().After(checkAt) {
+			checkAt = time.Time{}
+			c.n.checkRelaySoon()
 		}
 		// Quick at first, for a fast start; then easier on a relay that is slow to let
 		// the first datagrams through.

@@ -248,14 +248,16 @@ func (c *Conn) peerCandidate(cand signal.Candidate) {
 	}
 	switch cand.Type {
 	case signal.CandidateRelayed:
-		if c.opts.NoRelay || c.n.relayConn() == nil {
+		if c.opts.NoRelay {
 			return
 		}
 		c.mu.Lock()
 		same := c.relayPeer == a && c.relayUp
 		c.relayPeer, c.relayUp = a, c.relayUp && c.relayPeer == a
 		c.mu.Unlock()
-		if !same {
+		// Without an allocation of its own now, the node pings the new address once
+		// it has one again (relayMoved).
+		if !same && c.n.relayConn() != nil {
 			c.n.log.Debug("connect: peer's relayed address moved", "peer", c.peer.Short(), "to", a)
 			c.startRelayPing(a)
 		}
