@@ -136,35 +136,6 @@ func (a *agent) emit(ev agentEvent, text string) {
 	fmt.Fprintln(a.stdout, text)
 }
 
-// run serves until ctx ends, reconnecting to the rendezvous server when the connection
-// drops. Only a failure to start at all is an error.
-func (a *agent) run(ctx context.Context) error {
-	b := newBackoff(time.Second, 30*time.Second, reconnectJitter, nil)
-	everUp := false
-	for {
-		up, err := a.serve(ctx, !everUp)
-		if ctx.Err() != nil {
-			return nil
-		}
-		if !everUp && !up {
-			return err
-		}
-		everUp = true
-		if up {
-			b.reset()
-		}
-		wait := b.next()
-		fmt.Fprintf(a.stderr, "peerlink agent: %v; reconnecting in %v\n", err, wait.Round(time.Millisecond))
-		t := time.NewTimer(wait)
-		select {
-		case <-t.C:
-		case <-ctx.Done():
-			t.Stop()
-			return nil
-		}
-	}
-}
-
 // reconnectJitter varies each reconnection wait by up to ±20%: after a rendezvous
 // server restarts, its agents then come back spread out instead of all at once.
 const reconnectJitter = 0.2
@@ -195,22 +166,23 @@ func (b *backoff) next() time.Duration {
 // reset starts again from the first step, after a connection that worked.
 func (b *backoff) reset() { b.cur = b.first }
 
-// serve runs one rendezvous connection and node: it accepts connections until ctx ends
-// or the rendezvous connection drops. up reports whether the node got as far as
-// accepting.
-func (a *agent) serve(ctx context.Context, first bool) (up bool, err error) {
+// run serves until ctx ends. The node lives as long as the agent: when the rendezvous
+// connection drops, the agent dials again (waiting longer after each failure) and hands
+// the node the new connection, so its connections, which need no server once made, go
+// on. Only a failure to start at all is an error.
+func (a *agent) run(ctx context.Context) error {
 	sig, err := a.nf.dial(ctx, a.id, a.log)
 	if err != nil {
-		return false, err
+		return err
 	}
 	var sigDone <-chan struct{} // nil (never ready) on the local network only
 	if sig != nil {
-		defer sig.Close()
+		defer func() { sig.Close() }()
 		sigDone = sig.Done()
 	}
 	node, err := a.nf.startNode(ctx, a.id, sig, a.log)
 	if err != nil {
-		return false, err
+		return err
 	}
 	defer node.Close()
 
@@ -221,15 +193,9 @@ func (a *agent) serve(ctx context.Context, first bool) (up bool, err error) {
 		fmt.Fprintf(a.stderr, "peerlink agent: relay: %v\n", err)
 	}
 	wcancel()
-	own := published(ctx, sig, a.id.NodeID())
-	prof := node.Profile()
-	if own != nil {
-		prof = profileOf(own) // with the main socket's reflexive address
-	}
-	cands := candidateStrings(own)
 	sctx, cancel := context.WithCancel(ctx)
 	var wg sync.WaitGroup
-	// dialMu orders the dashboard's connections against the end of this node: none
+	// dialMu orders the dashboard's connections against the end of the node: none
 	// starts serving once the node is stopping.
 	var dialMu sync.Mutex
 	stopping := false
@@ -252,15 +218,26 @@ func (a *agent) serve(ctx context.Context, first bool) (up bool, err error) {
 		wg.Go(func() { a.handle(sctx, c, true, probe) })
 		return c, nil
 	}
-	a.state.node(a.id.NodeID().String(), a.nf.server, &prof, cands, dial)
-	if first {
-		a.emit(agentEvent{Event: "ready", Node: a.id.NodeID().String(), Server: a.nf.server, Profile: &prof, Candidates: cands, HTTP: a.httpURL},
-			fmt.Sprintf("node: %s\nprofile: %s\ncandidates: %s\naccepting connections via %s (Ctrl-C to stop)",
-				a.id.NodeID(), prof, strings.Join(cands, ", "), cmpOr(a.nf.server, "the local network (mDNS)")))
-	} else {
-		a.emit(agentEvent{Event: "reconnected", Node: a.id.NodeID().String(), Server: a.nf.server, Profile: &prof, Candidates: cands},
-			fmt.Sprintf("%s reconnected to %s; profile: %s", stamp(), a.nf.server, prof))
+	// announce tells the dashboard and the output that the node is reachable through
+	// the current rendezvous connection.
+	announce := func(first bool) {
+		own := published(ctx, sig, a.id.NodeID())
+		prof := node.Profile()
+		if own != nil {
+			prof = profileOf(own) // with the main socket's reflexive address
+		}
+		cands := candidateStrings(own)
+		a.state.node(a.id.NodeID().String(), a.nf.server, &prof, cands, dial)
+		if first {
+			a.emit(agentEvent{Event: "ready", Node: a.id.NodeID().String(), Server: a.nf.server, Profile: &prof, Candidates: cands, HTTP: a.httpURL},
+				fmt.Sprintf("node: %s\nprofile: %s\ncandidates: %s\naccepting connections via %s (Ctrl-C to stop)",
+					a.id.NodeID(), prof, strings.Join(cands, ", "), cmpOr(a.nf.server, "the local network (mDNS)")))
+		} else {
+			a.emit(agentEvent{Event: "reconnected", Node: a.id.NodeID().String(), Server: a.nf.server, Profile: &prof, Candidates: cands},
+				fmt.Sprintf("%s reconnected to %s; profile: %s", stamp(), a.nf.server, prof))
+		}
 	}
+	announce(true)
 
 	wg.Go(func() {
 		for {
@@ -286,10 +263,42 @@ func (a *agent) serve(ctx context.Context, first bool) (up bool, err error) {
 			}
 		})
 	}
-	select {
-	case <-ctx.Done():
-	case <-sigDone:
-		err = fmt.Errorf("rendezvous connection lost: %w", sig.Err())
+	b := newBackoff(time.Second, 30*time.Second, reconnectJitter, nil)
+serving:
+	for {
+		select {
+		case <-ctx.Done():
+			break serving
+		case <-sigDone:
+		}
+		a.state.down()
+		why := fmt.Errorf("rendezvous connection lost: %w", sig.Err())
+		for {
+			wait := b.next()
+			fmt.Fprintf(a.stderr, "peerlink agent: %v; reconnecting in %v\n", why, wait.Round(time.Millisecond))
+			t := time.NewTimer(wait)
+			select {
+			case <-t.C:
+			case <-ctx.Done():
+				t.Stop()
+				break serving
+			}
+			fresh, err := a.nf.dial(ctx, a.id, a.log)
+			if err == nil {
+				if err = node.SetSignal(ctx, fresh); err != nil {
+					fresh.Close()
+				}
+			}
+			if err != nil {
+				why = err
+				continue
+			}
+			sig.Close()
+			sig, sigDone = fresh, fresh.Done()
+			b.reset()
+			announce(false)
+			break
+		}
 	}
 	a.state.down()
 	dialMu.Lock()
@@ -298,7 +307,7 @@ func (a *agent) serve(ctx context.Context, first bool) (up bool, err error) {
 	// The connections say goodbye to their peers before the node and its signaling go.
 	cancel()
 	wg.Wait()
-	return true, err
+	return nil
 }
 
 // handle serves one connection, accepted or made from the dashboard: it echoes every

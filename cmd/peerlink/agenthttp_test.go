@@ -330,8 +330,9 @@ func freePort(t *testing.T) string {
 }
 
 // TestAgentReconnects restarts the rendezvous server under an agent: the dashboard's
-// status says the node is down meanwhile and connections cannot be made, and the agent
-// comes back by itself after its jittered backoff.
+// status says the node is down meanwhile and connections cannot be made, the agent
+// comes back by itself after its jittered backoff, and the connection it had to
+// another agent lives through it all.
 func TestAgentReconnects(t *testing.T) {
 	rvPort, stunPort := freePort(t), freePort(t)
 	args := []string{"--listen", "127.0.0.1:" + rvPort, "--stun-listen", "127.0.0.1:" + stunPort, "--relay-listen", "off"}
@@ -346,6 +347,22 @@ func TestAgentReconnects(t *testing.T) {
 	}
 	if !status().Up {
 		t.Fatal("agent not up at start")
+	}
+	b := startAgent(t, "--server", srv.lines["rendezvous"], "--stun", "127.0.0.1:"+stunPort)
+	if code, out := post(t, a.ready.HTTP+"api/connect", `{"node": "`+b.node+`"}`, nil); code != http.StatusOK {
+		t.Fatalf("POST /api/connect to the other agent: %d %v", code, out)
+	}
+	conn := func() (connStatus, bool) {
+		for _, c := range status().Connections {
+			if c.Peer == b.node {
+				return c, true
+			}
+		}
+		return connStatus{}, false
+	}
+	before, ok := conn()
+	if !ok {
+		t.Fatal("the connection to the other agent is not listed")
 	}
 	srv.stop(t, syscall.SIGTERM)
 	for deadline := time.Now().Add(5 * time.Second); status().Up; time.Sleep(50 * time.Millisecond) {
@@ -369,5 +386,18 @@ func TestAgentReconnects(t *testing.T) {
 	}
 	if st := status(); !st.Up || st.Node != a.node {
 		t.Errorf("status after reconnecting: %+v", st)
+	}
+	// The same connection (made before the restart) still carries the pings.
+	after, ok := conn()
+	if !ok || !after.Since.Equal(before.Since) {
+		t.Fatalf("the connection made before the restart is gone: before %+v, after %+v (listed %v)", before, after, ok)
+	}
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(100 * time.Millisecond) {
+		if c, _ := conn(); c.Datagrams > after.Datagrams {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the connection made before the restart carries nothing after it")
+		}
 	}
 }
