@@ -101,7 +101,12 @@ type Conn struct {
 	relayPeer    netip.AddrPort
 	relayUp      bool
 	relayWatched bool // watchRelay runs
-	stats        Stats
+	// wsr is the path through the rendezvous server (the last resort), once open;
+	// wsrReady is closed then.
+	wsr      *signal.RelayConn
+	wsrReady chan struct{}
+	wsrOnce  sync.Once
+	stats    Stats
 
 	// Direct path health (watchDirect).
 	directDown   bool   // the direct path went silent: Send uses the relay
@@ -132,6 +137,8 @@ func newConn(n *Node, peer identity.NodeID, session string, initiator bool, opts
 		in:      make(chan []byte, inQueue),
 		ready:   make(chan struct{}),
 		done:    make(chan struct{}),
+
+		wsrReady: make(chan struct{}),
 	}
 	c.recvID, c.sendID = idA, idB
 	if !initiator {
@@ -184,7 +191,7 @@ func (c *Conn) Send(b []byte) error {
 	}
 	frame := appendFrame(make([]byte, 0, frameHeader+len(b)), c.sendID, kindData, b)
 	c.mu.Lock()
-	direct, addr, relayUp, relayPeer := c.direct, c.directAddr, c.relayUp, c.relayPeer
+	direct, addr, relayUp, relayPeer, wsr := c.direct, c.directAddr, c.relayUp, c.relayPeer, c.wsr
 	if c.directDown {
 		direct = nil
 	}
@@ -193,11 +200,13 @@ func (c *Conn) Send(b []byte) error {
 	case direct != nil:
 		return direct.WriteTo(frame, addr)
 	case relayUp:
-		rc := c.n.relayConn()
-		if rc == nil {
-			return ErrNoPath
+		if rc := c.n.relayConn(); rc != nil {
+			_, err := rc.WriteTo(frame, net.UDPAddrFromAddrPort(relayPeer))
+			return err
 		}
-		_, err := rc.WriteTo(frame, net.UDPAddrFromAddrPort(relayPeer))
+	}
+	if wsr != nil {
+		_, err := wsr.WriteTo(frame, nil)
 		return err
 	}
 	return ErrNoPath
@@ -239,10 +248,13 @@ func (c *Conn) closeWith(err error) {
 		c.err = err
 		close(c.done)
 		c.mu.Lock()
-		extra := c.extra
+		extra, wsr := c.extra, c.wsr
 		c.mu.Unlock()
 		if extra != nil {
 			extra.Close()
+		}
+		if wsr != nil {
+			wsr.Close()
 		}
 		c.n.forget(c)
 	})
@@ -299,11 +311,12 @@ func (c *Conn) pathUp(m Method) {
 	if c.stats.FirstPath == 0 {
 		c.stats.FirstPath = elapsed
 	}
-	if m != MethodRelayed {
+	switch {
+	case !m.Relayed():
 		c.stats.ToDirect = elapsed
 		c.method = m
-	} else if c.method == MethodNone {
-		c.method = m
+	case c.method == MethodNone, m == MethodRelayed && c.method == MethodRelayedHTTPS:
+		c.method = m // a TURN relay beats the rendezvous server's
 	}
 	c.mu.Unlock()
 	c.readyOnce.Do(func() { close(c.ready) })
@@ -410,7 +423,12 @@ func (c *Conn) proceed(ctx context.Context, initiator, responder signal.Connecti
 	c.n.log.Debug("connect: no direct path", "peer", c.peer.Short(), "err", punchErr)
 	switch {
 	case relayed:
-		return // the relay carries the connection (or will, within the timeout)
+		// The relay carries the connection, or will within the timeout; should it not
+		// answer soon, the rendezvous server relays meanwhile.
+		c.n.wg.Go(c.httpsFallback)
+		return
+	case !c.opts.NoRelay && c.httpsRelay(ctx) == nil:
+		return
 	case c.opts.NoRelay && errors.Is(punchErr, ErrSymmetricNAT):
 		c.closeWith(fmt.Errorf("connect: %s: %w", c.peer.Short(), ErrSymmetricNAT))
 	case c.opts.NoRelay:
@@ -547,13 +565,7 @@ func (c *Conn) receive(kind byte, payload []byte, from netip.AddrPort, pc net.Pa
 	}
 	switch kind {
 	case kindData:
-		b := append([]byte(nil), payload...)
-		c.received.Add(1)
-		select {
-		case c.in <- b:
-		default: // a reader that does not keep up loses datagrams, as with UDP
-			c.dropped.Add(1)
-		}
+		c.deliverData(payload)
 	case kindPing:
 		pong := appendFrame(nil, c.sendID, kindPong, nil)
 		pc.WriteTo(pong, net.UDPAddrFromAddrPort(from))

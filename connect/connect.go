@@ -27,9 +27,16 @@ const (
 	MethodPunched
 	// MethodRelayed: traffic goes through a TURN relay.
 	MethodRelayed
+	// MethodRelayedHTTPS: traffic goes through the rendezvous server over the nodes'
+	// WebSocket connections (HTTPS, through HTTP proxies too): the last resort, when
+	// neither UDP nor a TURN relay gets through.
+	MethodRelayedHTTPS
 )
 
-var methodNames = []string{"none", "direct", "punched", "relayed"}
+var methodNames = []string{"none", "direct", "punched", "relayed", "relayed-https"}
+
+// Relayed reports whether the path goes through a relay of either kind.
+func (m Method) Relayed() bool { return m == MethodRelayed || m == MethodRelayedHTTPS }
 
 func (m Method) String() string {
 	if int(m) < len(methodNames) {
@@ -38,7 +45,7 @@ func (m Method) String() string {
 	return fmt.Sprintf("Method(%d)", uint8(m))
 }
 
-// MarshalText returns "direct", "punched" or "relayed".
+// MarshalText returns the method's name: "direct", "punched", "relayed" or "relayed-https".
 func (m Method) MarshalText() ([]byte, error) { return []byte(m.String()), nil }
 
 // methodOf says how a path found by technique t was made.

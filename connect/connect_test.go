@@ -63,7 +63,9 @@ func TestConnectMethods(t *testing.T) {
 }
 
 func TestConnectErrors(t *testing.T) {
-	sig := signaltest.Start(t, signal.Config{}, false)
+	// A rendezvous server that does not relay, so that a pair with no TURN relay has
+	// no path at all (TestHTTPSRelay has the server relay).
+	sig := signaltest.Start(t, signal.Config{Relay: signal.RelayConfig{Disabled: true}}, false)
 	w := newWorld(t, 1, sig)
 	a := w.node("a", nodeOpts{typ: mustType(t, "pd-pd-rd"), noRelay: true})
 	b := w.node("b", nodeOpts{typ: mustType(t, "pd-pd-rd"), noRelay: true})

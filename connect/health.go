@@ -89,7 +89,7 @@ func (c *Conn) watchDirect() {
 		now := c.n.clock.Now()
 		c.mu.Lock()
 		direct, addr := c.direct, c.directAddr
-		down, last, pongs, relayUp := c.directDown, c.lastPong, c.pongs, c.relayUp
+		down, last, pongs, relayUp, https := c.directDown, c.lastPong, c.pongs, c.relayUp, c.wsr != nil
 		c.mu.Unlock()
 		if direct == nil {
 			return
@@ -100,13 +100,16 @@ func (c *Conn) watchDirect() {
 			if now.Sub(last) < timeout {
 				continue
 			}
-			if !relayUp {
+			if !relayUp && !https {
 				// Nowhere to go: keep the direct path and hope it comes back.
 				continue
 			}
 			c.mu.Lock()
 			c.directDown = true
 			c.method = MethodRelayed
+			if !relayUp {
+				c.method = MethodRelayedHTTPS
+			}
 			c.stats.Fallbacks++
 			c.mu.Unlock()
 			retryAt, probeUntil = now.Add(retry), time.Time{}

@@ -281,6 +281,7 @@ func Start(ctx context.Context, cfg Config) (*Node, error) {
 	close(n.published)
 	if sc := n.signal(); sc != nil {
 		n.wg.Go(func() { n.signalLoop(sc) })
+		n.wg.Go(func() { n.acceptRelays(sc) })
 	}
 	n.wg.Go(func() { n.dataLoop(n.main.Data(), nil) })
 	if cfg.WatchNetwork {
@@ -365,6 +366,7 @@ func (n *Node) SetSignal(ctx context.Context, sc *signal.Client) error {
 		return errors.New("connect: SetSignal on a node started without Signal")
 	}
 	n.wg.Go(func() { n.signalLoop(sc) })
+	n.wg.Go(func() { n.acceptRelays(sc) })
 	if err := sc.Publish(ctx, n.info()); err != nil {
 		return fmt.Errorf("connect: publishing on the new rendezvous client: %w", err)
 	}

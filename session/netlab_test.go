@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net/http"
 	"net/netip"
+	"net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -108,13 +109,23 @@ func (w *labWorld) node(t testing.TB, h *netlab.Host) *node {
 // nodeWith is node with changes to the node's Config.
 func (w *labWorld) nodeWith(t testing.TB, h *netlab.Host, change func(*connect.Config)) *node {
 	t.Helper()
+	return w.nodeVia(t, h, nil, change)
+}
+
+// nodeVia is nodeWith whose rendezvous client goes through proxy (nil: directly).
+func (w *labWorld) nodeVia(t testing.TB, h *netlab.Host, proxy *url.URL, change func(*connect.Config)) *node {
+	t.Helper()
 	id, err := identity.Generate()
 	if err != nil {
 		t.Fatal(err)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
-	sc, err := signal.Dial(ctx, w.sigURL, id, &signal.Options{DialContext: h.DialContext})
+	so := &signal.Options{DialContext: h.DialContext, Proxy: signal.DirectOnly}
+	if proxy != nil {
+		so.Proxy = http.ProxyURL(proxy)
+	}
+	sc, err := signal.Dial(ctx, w.sigURL, id, so)
 	if err != nil {
 		t.Fatalf("%s: signaling: %v", h.Name, err)
 	}
@@ -129,8 +140,10 @@ func (w *labWorld) nodeWith(t testing.TB, h *netlab.Host, change func(*connect.C
 		t.Fatalf("%s: %v", h.Name, err)
 	}
 	t.Cleanup(func() { n.Close() })
-	if err := n.WaitRelay(ctx); err != nil {
-		t.Fatalf("%s: relay: %v", h.Name, err)
+	if cfg.Relay != nil {
+		if err := n.WaitRelay(ctx); err != nil {
+			t.Fatalf("%s: relay: %v", h.Name, err)
+		}
 	}
 	return &node{Node: n, id: id}
 }
@@ -371,6 +384,73 @@ func connPairAny(t testing.TB, a, b *node) (*connect.Conn, *connect.Conn) {
 		time.Sleep(20 * time.Millisecond)
 	}
 	return ca, cb
+}
+
+// TestKernelLabHTTPSRelay: a host whose only way out is an HTTP CONNECT proxy on its
+// router (tinyproxy on port 3128; the router forwards nothing from the LAN: no UDP, no
+// TCP) connects to a peer behind a symmetric NAT. Its rendezvous connection goes
+// through the proxy, and so does the connection: the rendezvous server relays it. A
+// stream transfer arrives intact end to end, and the method says so.
+func TestKernelLabHTTPSRelay(t *testing.T) {
+	netlabtest.Need(t)
+	bin, err := exec.LookPath("tinyproxy")
+	if err != nil {
+		t.Fatalf("running as root but tinyproxy is missing (apt-get install -y tinyproxy): %v", err)
+	}
+	w := startLab(t, []netlab.SiteConfig{{Name: "proxied", Kind: netlab.KindUDPBlocked}, {Name: "sym", Kind: netlab.KindSymmetric}})
+	site := w.l.Site("proxied")
+	router, host := site.Routers[0], site.Host()
+	gw := host.IP().As4()
+	gw[3] = 1
+	proxyIP := netip.AddrFrom4(gw)
+	ctx := context.Background()
+	if out, err := router.Run(ctx, "nft", "insert", "rule", "ip", "peerlink", "forward", "iifname", "lan0", "drop"); err != nil {
+		t.Fatalf("closing the router to the LAN: %v %s", err, out)
+	}
+	conf := filepath.Join(t.TempDir(), "tinyproxy.conf")
+	body := fmt.Sprintf("Port 3128\nListen %s\nTimeout 600\nMaxClients 50\nAllow %s/24\nConnectPort 443\nLogLevel Warning\n", proxyIP, proxyIP)
+	if err := os.WriteFile(conf, []byte(body), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	proxy := router.Command(ctx, bin, "-d", "-c", conf)
+	proxy.Stdout, proxy.Stderr = os.Stderr, os.Stderr
+	if err := proxy.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { proxy.Process.Kill(); proxy.Wait() })
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		c, err := host.DialContext(ctx, "tcp", netip.AddrPortFrom(proxyIP, 3128).String())
+		if err == nil {
+			c.Close()
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("tinyproxy never listened: %v", err)
+		}
+	}
+	// Without the proxy the rendezvous server is out of reach.
+	dctx, dcancel := context.WithTimeout(ctx, 2*time.Second)
+	if c, err := host.DialContext(dctx, "tcp", strings.TrimPrefix(w.sigURL, "ws://")); err == nil {
+		c.Close()
+		t.Fatal("the proxied host reached the rendezvous server directly")
+	}
+	dcancel()
+
+	a := w.nodeVia(t, host, &url.URL{Scheme: "http", Host: netip.AddrPortFrom(proxyIP, 3128).String()}, func(c *connect.Config) { c.Relay = nil })
+	if !a.Profile().UDPBlocked {
+		t.Errorf("the proxied host's profile %v: want UDP blocked", a.Profile())
+	}
+	b := w.node(t, w.l.Site("sym").Host())
+	ca, cb := connPairAny(t, b, a)
+	took := ca.Stats().FirstPath
+	if ca.Method() != connect.MethodRelayedHTTPS || cb.Method() != connect.MethodRelayedHTTPS {
+		t.Fatalf("connected %v / %v, want %v on both", ca.Method(), cb.Method(), connect.MethodRelayedHTTPS)
+	}
+	sa, sb := sessionPair(t, ca, cb, b.id, a.id)
+	mbps := transfer(t, sa, sb, 4<<20, 5)
+	t.Logf("sym → proxied (only an HTTP CONNECT proxy out): %v after %v; 4 MiB intact at %.1f Mbit/s through the rendezvous server", ca.Method(), took.Round(time.Millisecond), mbps)
+	sa.Close()
+	sb.Close()
 }
 
 // BenchmarkKernelLabVsIperf3 measures a session stream from a host behind a

@@ -474,7 +474,7 @@ func (c *connector) run(ctx context.Context) (string, error) {
 // awaitDirect waits, up to directWait, for a relayed connection whose plan can give a
 // direct path to get it, reporting the upgrade.
 func (c *connector) awaitDirect(ctx context.Context, node *connect.Node, conn *connect.Conn) {
-	if conn.Method() != connect.MethodRelayed || c.opts.NoDirect || conn.Technique() == nat.Relay {
+	if !conn.Method().Relayed() || c.opts.NoDirect || conn.Technique() == nat.Relay {
 		return
 	}
 	c.progress("waiting up to %v for a direct path (%s)...", c.directWait, conn.Technique())
@@ -482,7 +482,7 @@ func (c *connector) awaitDirect(ctx context.Context, node *connect.Node, conn *c
 	defer t.Stop()
 	limit := time.NewTimer(c.directWait)
 	defer limit.Stop()
-	for conn.Method() == connect.MethodRelayed && pending(node, c.target) {
+	for conn.Method().Relayed() && pending(node, c.target) {
 		select {
 		case <-ctx.Done():
 			return
@@ -492,7 +492,7 @@ func (c *connector) awaitDirect(ctx context.Context, node *connect.Node, conn *c
 		case <-t.C:
 		}
 	}
-	if m := conn.Method(); m != connect.MethodRelayed {
+	if m := conn.Method(); !m.Relayed() {
 		c.progress("direct: %s after %v", m, conn.Stats().ToDirect.Round(time.Microsecond))
 	} else {
 		c.progress("no direct path (%s failed): staying relayed", conn.Technique())

@@ -276,7 +276,7 @@ func TestConnectToAgent(t *testing.T) {
 		}
 	})
 
-	t.Run("relay that fails is named", func(t *testing.T) {
+	t.Run("relay that fails is named, and the rendezvous server relays", func(t *testing.T) {
 		// A TCP port nothing listens on: the relay allocation is refused at once.
 		ln, err := net.Listen("tcp", "127.0.0.1:0")
 		if err != nil {
@@ -284,10 +284,11 @@ func TestConnectToAgent(t *testing.T) {
 		}
 		dead := ln.Addr().String()
 		ln.Close()
-		_, stderr, code := runEnv(t, nil, "connect", "--identity", filepath.Join(t.TempDir(), "id.key"), "--server", server, "--stun", stunAddr,
+		stdout, stderr, code := runEnv(t, nil, "connect", "--json", "--identity", filepath.Join(t.TempDir(), "id.key"), "--server", server, "--stun", stunAddr,
 			"--no-direct", "--relay", dead, "--relay-transport", "tcp", "--relay-user", "u", "--relay-pass", "p", "--timeout", "3s", agent.node)
-		if code != 1 || !strings.Contains(stderr, "the relay "+dead+" failed") {
-			t.Errorf("exit %d, want 1 with the relay named:\n%s", code, stderr)
+		var out connectJSON
+		if code != 0 || json.Unmarshal([]byte(stdout), &out) != nil || out.Method != "relayed-https" || !strings.Contains(stderr, dead) {
+			t.Errorf("exit %d, method %q; want 0, relayed-https, with the failed relay %s named:\n%s\n%s", code, out.Method, dead, stdout, stderr)
 		}
 	})
 

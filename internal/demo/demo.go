@@ -498,7 +498,7 @@ func (w *world) connectPair(ctx context.Context, a, b *peer) *Pair {
 		r.Error = fmt.Sprintf("connected (%s) but no echo: %v", conn.Method(), err)
 		return r
 	}
-	if conn.Method() == connect.MethodRelayed && conn.Technique() != nat.Relay {
+	if conn.Method().Relayed() && conn.Technique() != nat.Relay {
 		waitDirect(ctx, a.node, b.node.NodeID(), conn, w.cfg.DirectWait)
 	}
 	ectx, cancel = context.WithTimeout(ctx, w.cfg.Timeout)
@@ -513,7 +513,7 @@ func (w *world) connectPair(ctx context.Context, a, b *peer) *Pair {
 	r.Method, r.Technique = conn.Method().String(), conn.Technique().String()
 	fp := Duration(st.FirstPath)
 	r.FirstPath = &fp
-	if st.ToDirect > 0 && conn.Method() != connect.MethodRelayed {
+	if st.ToDirect > 0 && !conn.Method().Relayed() {
 		td := Duration(st.ToDirect)
 		r.ToDirect = &td
 	}
@@ -527,7 +527,7 @@ func waitDirect(ctx context.Context, n *connect.Node, peer identity.NodeID, conn
 	defer deadline.Stop()
 	tick := time.NewTicker(10 * time.Millisecond)
 	defer tick.Stop()
-	for conn.Method() == connect.MethodRelayed {
+	for conn.Method().Relayed() {
 		if !slices.ContainsFunc(n.Pending(), func(a connect.Attempt) bool { return a.Peer == peer && a.Initiator }) {
 			return
 		}
