@@ -164,9 +164,15 @@ func TestUnauthenticatedFlood(t *testing.T) {
 	if st := r.Stats(); st.Sessions != 0 || st.SessionsTotal != 0 {
 		t.Fatalf("unauthenticated requests allocated: %+v", st)
 	}
-	// The relay still serves real clients.
+	// Most of the flood is over the source's request rate: dropped, not challenged.
+	limited := r.Stats().Dropped(relay.DropRateLimitedUnauth)
+	if limited == 0 || challenges > n-int(limited) {
+		t.Errorf("%d of %d requests rate-limited, %d challenged", limited, n, challenges)
+	}
+	// The relay still serves real clients, even from the flooding address once the
+	// wait above has earned it a few tokens.
 	dialTURN(t, "udp", r.UDP, relaytest.User, relaytest.Password).allocate()
-	t.Logf("%d requests, %d challenges read back", n, challenges)
+	t.Logf("%d requests, %d rate-limited, %d challenges read back", n, limited, challenges)
 }
 
 func TestMetrics(t *testing.T) {

@@ -44,7 +44,7 @@ var knownAttrs = map[stun.AttrType]bool{
 func (s *Server) handle(rc *reqCtx, raw []byte) []byte {
 	m := &rc.m
 	m.Raw = raw
-	if err := m.Decode(); err != nil || m.Type.Class != stun.ClassRequest {
+	if err := m.Decode(); err != nil || m.Type.Class != stun.ClassRequest || !s.allowRequest(rc) {
 		return nil
 	}
 	var unknown stun.UnknownAttributes
@@ -207,12 +207,12 @@ func (s *Server) allocate(rc *reqCtx) []byte {
 		life = DefaultLifetime
 	}
 
-	if code, reason := s.admit(user); code != 0 {
+	if code, reason := s.admit(user, rc.client.Addr(), rc.now); code != 0 {
 		return s.fail(rc, key, code, reason)
 	}
 	rs, resToken, err := s.relaySocket(v6, even, reserve, token, rc.now)
 	if err != nil {
-		s.release(user)
+		s.release(user, rc.client.Addr())
 		if errors.Is(err, errNoIPv6) {
 			return s.fail(rc, key, stun.CodeAddrFamilyNotSupported, "Address Family not Supported")
 		}
@@ -260,7 +260,7 @@ func (s *Server) allocate(rc *reqCtx) []byte {
 
 	if !s.register(rc, a) {
 		rs.closeUnregistered()
-		s.release(user)
+		s.release(user, rc.client.Addr())
 		return s.fail(rc, key, stun.CodeInsufficientCapacity, "Insufficient Capacity")
 	}
 	s.sessionsTotal.Add(1)

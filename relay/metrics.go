@@ -7,7 +7,7 @@ import "github.com/prometheus/client_golang/prometheus"
 type collector struct {
 	srv                                       *Server
 	enabled, sessions, sessionsTotal, refused *prometheus.Desc
-	bytes, packets, drops                     *prometheus.Desc
+	refusedBy, bytes, packets, drops          *prometheus.Desc
 }
 
 func newCollector(s *Server) *collector {
@@ -20,14 +20,15 @@ func newCollector(s *Server) *collector {
 		sessions:      d("sessions", "Live allocations (relay sessions)."),
 		sessionsTotal: d("allocations_total", "Allocations created."),
 		refused:       d("allocations_refused_total", "Allocate requests refused for a limit or while disabled."),
+		refusedBy:     d("allocations_refused_by_reason_total", "Allocate requests refused, by reason (the per-source quota is source_quota).", "reason"),
 		bytes:         d("relayed_bytes_total", "Payload bytes relayed.", "direction"),
 		packets:       d("relayed_packets_total", "Datagrams relayed.", "direction"),
-		drops:         d("dropped_packets_total", "Packets dropped, by reason.", "reason"),
+		drops:         d("dropped_packets_total", "Packets dropped, by reason (requests over their source's rate are rate_limited*).", "reason"),
 	}
 }
 
 func (c *collector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{c.enabled, c.sessions, c.sessionsTotal, c.refused, c.bytes, c.packets, c.drops} {
+	for _, d := range []*prometheus.Desc{c.enabled, c.sessions, c.sessionsTotal, c.refused, c.refusedBy, c.bytes, c.packets, c.drops} {
 		ch <- d
 	}
 }
@@ -42,6 +43,9 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(c.sessions, prometheus.GaugeValue, float64(st.Sessions))
 	ch <- prometheus.MustNewConstMetric(c.sessionsTotal, prometheus.CounterValue, float64(st.SessionsTotal))
 	ch <- prometheus.MustNewConstMetric(c.refused, prometheus.CounterValue, float64(st.Refused))
+	for r := range numRefuseReasons {
+		ch <- prometheus.MustNewConstMetric(c.refusedBy, prometheus.CounterValue, float64(st.RefusedBy[r]), r.String())
+	}
 	ch <- prometheus.MustNewConstMetric(c.bytes, prometheus.CounterValue, float64(st.BytesToPeers), "to_peer")
 	ch <- prometheus.MustNewConstMetric(c.bytes, prometheus.CounterValue, float64(st.BytesToClients), "to_client")
 	ch <- prometheus.MustNewConstMetric(c.packets, prometheus.CounterValue, float64(st.PacketsToPeers), "to_peer")

@@ -3,6 +3,7 @@
 package relay
 
 import (
+	"cmp"
 	"context"
 	"crypto/tls"
 	"errors"
@@ -109,6 +110,15 @@ type Config struct {
 	MaxSessions int
 	// PerUserQuota caps one user's concurrent allocations (486 too); zero means no cap.
 	PerUserQuota int
+	// PerSourceQuota caps the concurrent allocations of one source (an IPv4 address or
+	// an IPv6 /64), whatever users it authenticates as: 486 beyond it. One leaked or
+	// REST credential then cannot take every relayed port from one machine. Zero means
+	// DefaultPerSourceQuota; negative means no cap (benchmarks that load the relay from
+	// one address).
+	PerSourceQuota int
+	// RequestLimit bounds the STUN requests each source may make; its zero value is on,
+	// with the defaults of its fields.
+	RequestLimit RequestLimit
 	// BandwidthLimit is each session's relayed bytes per second, both directions
 	// together, enforced by a token bucket; packets over it are dropped. Zero means no
 	// limit.
@@ -142,6 +152,73 @@ type Config struct {
 	// Loops is the number of event loops relaying UDP; zero means half of GOMAXPROCS,
 	// at least one. Each has its own UDP socket, sharing the port with SO_REUSEPORT.
 	Loops int
+}
+
+// DefaultPerSourceQuota is Config.PerSourceQuota's zero value: room for a NAT shared by
+// a few dozen clients each holding an allocation or two.
+const DefaultPerSourceQuota = 64
+
+// RequestLimit configures the per-source token buckets in front of the relay's request
+// handling. A source (an IPv4 address, or an IPv6 /64: one host usually owns a whole
+// /64) earns Rate tokens a second up to Burst. A request costs one token, or
+// UnauthenticatedCost when it carries no MESSAGE-INTEGRITY and is not a Binding: it is
+// answered with a 401 and a fresh nonce, work (an HMAC and a response larger than the
+// request) anyone can ask for without a credential. A request its source has no tokens
+// for is dropped unanswered, as on a lossy path, and clients retransmit. The data path,
+// ChannelData and Send indications, is not counted here: BandwidthLimit bounds it.
+// Every zero field means its default.
+//
+// A client needs a handful of requests per allocation (a 401, Allocate, permissions,
+// channels) and one every few minutes to keep it. The default burst lets one source
+// fill DefaultPerSourceQuota at once (a 401 and an Allocate each, three tokens), and
+// the rate leaves room for a NAT shared by dozens of clients.
+//
+// Over UDP a source address can be forged: a forger can use up another source's tokens
+// and so have that source's requests dropped for as long as it keeps sending, but not
+// its relayed data, and the relay's cost stays bounded by the limit either way.
+type RequestLimit struct {
+	// Disabled turns the limiter off, for benchmarks and trusted networks.
+	Disabled bool
+	// Rate is the tokens a source earns a second; 0 means DefaultRequestRate.
+	Rate float64
+	// Burst is the bucket size; 0 means DefaultRequestBurst.
+	Burst float64
+	// UnauthenticatedCost is what a request without credentials costs; 0 means
+	// DefaultUnauthenticatedCost.
+	UnauthenticatedCost float64
+	// MaxSources bounds the sources tracked at once, and so the limiter's memory (32
+	// bytes a source, allocated at New). When full, a new source takes the place of the
+	// least recently seen of the eight it competes with. 0 means DefaultMaxSources.
+	MaxSources int
+}
+
+// Defaults for RequestLimit's zero fields.
+const (
+	DefaultRequestRate         = 100
+	DefaultRequestBurst        = 200
+	DefaultUnauthenticatedCost = 2
+	DefaultMaxSources          = 65536
+)
+
+func (r RequestLimit) withDefaults() RequestLimit {
+	r.Rate = cmp.Or(r.Rate, DefaultRequestRate)
+	r.Burst = cmp.Or(r.Burst, DefaultRequestBurst)
+	r.UnauthenticatedCost = cmp.Or(r.UnauthenticatedCost, DefaultUnauthenticatedCost)
+	r.MaxSources = cmp.Or(r.MaxSources, DefaultMaxSources)
+	return r
+}
+
+func (r RequestLimit) check() error {
+	if r.Disabled {
+		return nil
+	}
+	if r.Rate < 0 || r.Burst < 0 || r.UnauthenticatedCost < 0 || r.MaxSources < 0 {
+		return errors.New("negative field")
+	}
+	if r.Burst < 1 || r.UnauthenticatedCost > r.Burst {
+		return fmt.Errorf("burst %v admits no request (unauthenticated cost %v)", r.Burst, r.UnauthenticatedCost)
+	}
+	return nil
 }
 
 // SessionInfo describes one relay session: an allocation and what it relayed.
@@ -202,20 +279,44 @@ type DropReason uint8
 
 // Drop reasons.
 const (
-	DropMalformed    DropReason = iota // not a TURN message, or truncated
-	DropNoAllocation                   // data from a client without an allocation
-	DropNoChannel                      // ChannelData on an unbound channel
-	DropNoPermission                   // peer without a permission
-	DropBandwidth                      // over the session's bandwidth limit
-	DropCapacity                       // over the relay's total capacity
-	DropTooLarge                       // datagram larger than the relay reads
-	DropSendError                      // the kernel refused the send
-	DropCongested                      // a TCP client's send queue is full
-	DropForbidden                      // addressed to the relay's own listening ports
+	DropMalformed         DropReason = iota // not a TURN message, or truncated
+	DropNoAllocation                        // data from a client without an allocation
+	DropNoChannel                           // ChannelData on an unbound channel
+	DropNoPermission                        // peer without a permission
+	DropBandwidth                           // over the session's bandwidth limit
+	DropCapacity                            // over the relay's total capacity
+	DropTooLarge                            // datagram larger than the relay reads
+	DropSendError                           // the kernel refused the send
+	DropCongested                           // a TCP client's send queue is full
+	DropForbidden                           // addressed to the relay's own listening ports
+	DropRateLimited                         // a request with credentials, or a Binding, over its source's request rate
+	DropRateLimitedUnauth                   // a request without credentials over its source's request rate
 	numDropReasons
 )
 
-var dropNames = [numDropReasons]string{"malformed", "no_allocation", "no_channel", "no_permission", "bandwidth", "capacity", "too_large", "send_error", "congested", "forbidden"}
+var dropNames = [numDropReasons]string{"malformed", "no_allocation", "no_channel", "no_permission", "bandwidth", "capacity", "too_large", "send_error", "congested", "forbidden",
+	"rate_limited", "rate_limited_unauthenticated"}
+
+// RefuseReason says why the relay refused an Allocate.
+type RefuseReason uint8
+
+// Refusal reasons.
+const (
+	RefuseDisabled    RefuseReason = iota // Disable was called
+	RefuseMaxSessions                     // MaxSessions reached
+	RefuseUserQuota                       // PerUserQuota reached
+	RefuseSourceQuota                     // PerSourceQuota reached
+	numRefuseReasons
+)
+
+var refuseNames = [numRefuseReasons]string{"disabled", "max_sessions", "user_quota", "source_quota"}
+
+func (r RefuseReason) String() string {
+	if r < numRefuseReasons {
+		return refuseNames[r]
+	}
+	return fmt.Sprintf("RefuseReason(%d)", uint8(r))
+}
 
 func (r DropReason) String() string {
 	if r < numDropReasons {
@@ -231,8 +332,9 @@ type Stats struct {
 	Sessions      int
 	SessionsTotal uint64
 	// Refused counts Allocate requests refused for a limit or because the relay was
-	// disabled.
-	Refused uint64
+	// disabled; RefusedBy splits it by reason.
+	Refused   uint64
+	RefusedBy [numRefuseReasons]uint64
 	// To peers is client-to-peer payload, to clients the other way.
 	BytesToPeers, BytesToClients     uint64
 	PacketsToPeers, PacketsToClients uint64

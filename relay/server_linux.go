@@ -19,6 +19,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"peerlink/clock"
+	"peerlink/internal/ratelimit"
 )
 
 // Server is a TURN relay. Create it with New, start it with Start or ListenAndServe and
@@ -42,12 +43,18 @@ type Server struct {
 	selfPorts []uint16
 	selfIPs   map[[16]byte]bool
 	hooks     *hookQueue
+	// requests is the per-source request limiter (nil when disabled); logLimit and
+	// logAll bound the log lines about limited sources: one a source every
+	// limitLogEvery, a few a second in all, so a flood cannot flood the log too.
+	requests         *ratelimit.Table
+	logLimit, logAll *ratelimit.Table
 
 	disabled      atomic.Bool
 	closing       atomic.Bool
 	nextID        atomic.Uint64
 	sessionsTotal atomic.Uint64
 	refused       atomic.Uint64
+	refusedBy     [numRefuseReasons]atomic.Uint64
 	tcpCtr        counters // client-to-peer traffic of TCP and TLS clients
 
 	mu           sync.Mutex
@@ -55,6 +62,7 @@ type Server struct {
 	closed       bool
 	sessions     int
 	perUser      map[string]int
+	perSource    map[sourceKey]int
 	reservations map[uint64]reservation
 	conns        map[*tcpConn]struct{}
 	sweepTimer   clock.Timer
@@ -104,6 +112,11 @@ func New(cfg Config) (*Server, error) {
 	cfg.Realm = cmp.Or(cfg.Realm, "peerlink")
 	cfg.NonceLifetime = cmp.Or(cfg.NonceLifetime, 10*time.Minute)
 	cfg.HeartbeatInterval = cmp.Or(cfg.HeartbeatInterval, 10*time.Second)
+	cfg.PerSourceQuota = cmp.Or(cfg.PerSourceQuota, DefaultPerSourceQuota)
+	cfg.RequestLimit = cfg.RequestLimit.withDefaults()
+	if err := cfg.RequestLimit.check(); err != nil {
+		return nil, &ConfigError{"RequestLimit", err}
+	}
 	if cfg.Loops <= 0 {
 		cfg.Loops = max(1, runtime.GOMAXPROCS(0)/2)
 	}
@@ -120,12 +133,18 @@ func New(cfg Config) (*Server, error) {
 		capacity:     newBucket(cfg.TotalCapacity),
 		ports:        portRange{cfg.MinPort, cfg.MaxPort},
 		perUser:      make(map[string]int),
+		perSource:    make(map[sourceKey]int),
 		reservations: make(map[uint64]reservation),
 		conns:        make(map[*tcpConn]struct{}),
 		tcpAddrs:     make(map[Transport]netip.AddrPort),
 		closedCh:     make(chan struct{}),
 	}
 	s.epoch = s.clock.Now()
+	if rl := cfg.RequestLimit; !rl.Disabled {
+		s.requests = ratelimit.New(rl.Rate, rl.Burst, rl.MaxSources)
+	}
+	s.logLimit = ratelimit.New(1/limitLogEvery.Seconds(), 1, 4096)
+	s.logAll = ratelimit.New(2, 10, 1)
 	return s, nil
 }
 
@@ -476,6 +495,9 @@ func (s *Server) Stats() Stats {
 		SessionsTotal: s.sessionsTotal.Load(),
 		Refused:       s.refused.Load(),
 	}
+	for i := range st.RefusedBy {
+		st.RefusedBy[i] = s.refusedBy[i].Load()
+	}
 	s.mu.Lock()
 	st.Sessions = s.sessions
 	s.mu.Unlock()
@@ -495,36 +517,108 @@ func (s *Server) Stats() Stats {
 	return st
 }
 
-// admit takes a session slot for user, or returns the error to refuse with.
-func (s *Server) admit(user string) (stun.ErrorCode, string) {
+// sourceKey is a source as the limits count it: an IPv4 address or an IPv6 /64.
+type sourceKey struct{ k0, k1 uint64 }
+
+func sourceOf(ip netip.Addr) sourceKey {
+	k0, k1 := ratelimit.Key(ip)
+	return sourceKey{k0, k1}
+}
+
+// admit takes a session slot for user allocating from src, or returns the error to
+// refuse with.
+func (s *Server) admit(user string, src netip.Addr, now time.Time) (stun.ErrorCode, string) {
 	if s.disabled.Load() {
-		s.refused.Add(1)
+		s.refuse(RefuseDisabled)
 		return stun.CodeForbidden, "Forbidden: relay disabled"
 	}
+	sk := sourceOf(src)
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	switch {
 	case s.closed:
 		return stun.CodeForbidden, "Forbidden: relay shutting down"
 	case s.cfg.MaxSessions > 0 && s.sessions >= s.cfg.MaxSessions:
-		s.refused.Add(1)
+		s.refuse(RefuseMaxSessions)
 		return stun.CodeAllocQuotaReached, "Allocation Quota Reached"
 	case s.cfg.PerUserQuota > 0 && s.perUser[user] >= s.cfg.PerUserQuota:
-		s.refused.Add(1)
+		s.refuse(RefuseUserQuota)
 		return stun.CodeAllocQuotaReached, "Allocation Quota Reached: user quota"
+	case s.cfg.PerSourceQuota > 0 && s.perSource[sk] >= s.cfg.PerSourceQuota:
+		s.refuse(RefuseSourceQuota)
+		if s.mayLog(src, now) {
+			// Under s.mu, but at most a few times a second.
+			s.log.Warn("source at its allocation quota; further allocations refused with 486",
+				"source", src, "quota", s.cfg.PerSourceQuota, "user", user, "refused_total", s.refusedBy[RefuseSourceQuota].Load())
+		}
+		return stun.CodeAllocQuotaReached, "Allocation Quota Reached: source quota"
 	}
 	s.sessions++
 	s.perUser[user]++
+	s.perSource[sk]++
 	return 0, ""
 }
 
-func (s *Server) release(user string) {
+func (s *Server) refuse(r RefuseReason) {
+	s.refused.Add(1)
+	s.refusedBy[r].Add(1)
+}
+
+func (s *Server) release(user string, src netip.Addr) {
+	sk := sourceOf(src)
 	s.mu.Lock()
 	s.sessions--
 	if s.perUser[user]--; s.perUser[user] <= 0 {
 		delete(s.perUser, user)
 	}
+	if s.perSource[sk]--; s.perSource[sk] <= 0 {
+		delete(s.perSource, sk)
+	}
 	s.mu.Unlock()
+}
+
+// limitLogEvery is how often at most the relay logs about one limited source.
+const limitLogEvery = 5 * time.Second
+
+// allowRequest charges a decoded request to its source's bucket. A request over the
+// source's rate is counted and dropped: answering it would be the work the limit
+// saves, and the client retransmits anyway.
+func (s *Server) allowRequest(rc *reqCtx) bool {
+	if s.requests == nil {
+		return true
+	}
+	m := &rc.m
+	unauth := m.Type.Method != stun.MethodBinding && !m.Contains(stun.AttrMessageIntegrity)
+	cost := 1.0
+	if unauth {
+		cost = s.cfg.RequestLimit.UnauthenticatedCost
+	}
+	src := rc.client.Addr()
+	now := int64(rc.now.Sub(s.epoch))
+	if s.requests.Allow(src, cost, now) {
+		return true
+	}
+	r := DropRateLimited
+	if unauth {
+		r = DropRateLimitedUnauth
+	}
+	if rc.loop != nil {
+		rc.loop.drop(r)
+	} else {
+		s.tcpCtr.drops[r].Add(1)
+	}
+	if s.mayLog(src, rc.now) {
+		s.log.Warn("source over its request rate; its requests are dropped", "source", src,
+			"transport", rc.transport, "unauthenticated", unauth, "rate", s.cfg.RequestLimit.Rate, "burst", s.cfg.RequestLimit.Burst)
+	}
+	return false
+}
+
+// mayLog reports whether a line about src may be logged now: at most one a source
+// every limitLogEvery, and a few a second over all sources.
+func (s *Server) mayLog(src netip.Addr, now time.Time) bool {
+	ns := int64(now.Sub(s.epoch))
+	return s.logLimit.Allow(src, 1, ns) && s.logAll.Allow(netip.Addr{}, 1, ns)
 }
 
 // register hands a new allocation to a loop: the request's own for UDP clients, one
@@ -556,7 +650,7 @@ func (s *Server) deleteAlloc(onLoop *loop, a *allocation, reason string) {
 
 // ended accounts for an allocation the loop has just removed.
 func (s *Server) ended(a *allocation, reason string, now time.Time) {
-	s.release(a.user)
+	s.release(a.user, a.client.Addr())
 	a.mu.Lock()
 	started := a.started
 	info := a.infoLocked()

@@ -7,6 +7,8 @@ import (
 	"strings"
 
 	pion "github.com/pion/stun/v3"
+
+	"peerlink/internal/ratelimit"
 )
 
 // maxUnknown bounds the UNKNOWN-ATTRIBUTES of a 420 answer. Listing fewer than the request
@@ -28,7 +30,7 @@ type handler struct {
 
 	software, softwareClassic pion.Software // nil: none
 
-	limiter    *limiter // nil: no limit
+	limiter    *ratelimit.Table // nil: no limit
 	changeCost float64
 
 	// Own addresses, never answered: ownPorts are the ports the server listens on, ownIPs
@@ -262,7 +264,7 @@ func (w *worker) handle(msg []byte, src netip.AddrPort, on int, tcp bool, now in
 		if from != on || to != src {
 			cost = h.changeCost
 		}
-		if !h.limiter.allow(src.Addr(), cost, now) {
+		if !h.limiter.Allow(src.Addr(), cost, now) {
 			c.add(cRateLimited)
 			return 0, netip.AddrPort{}, false
 		}

@@ -50,6 +50,12 @@ func runRelay(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	maxPort := fs.Uint("max-port", 0, "highest relayed port")
 	maxSessions := fs.Int("max-sessions", 0, "concurrent sessions before Allocate gets 486 (0: no cap)")
 	userQuota := fs.Int("user-quota", 0, "concurrent sessions per user (0: no cap)")
+	sourceQuota := fs.Int("source-quota", relay.DefaultPerSourceQuota, "concurrent sessions per client IP address, IPv6 /64 (0: no cap)")
+	reqRate := fs.Float64("request-rate", relay.DefaultRequestRate, "TURN requests per second each client IP address (IPv6: /64) may sustain; more are dropped")
+	reqBurst := fs.Float64("request-burst", relay.DefaultRequestBurst, "requests each client IP address may send at once")
+	reqUnauth := fs.Float64("request-unauth-cost", relay.DefaultUnauthenticatedCost, "what a request without credentials (answered with a 401 and a nonce) costs, in requests")
+	reqSources := fs.Int("request-max-sources", relay.DefaultMaxSources, "client addresses the request limiter tracks at once (32 bytes each)")
+	noReqLimit := fs.Bool("no-request-limit", false, "turn the per-address request limit off (load tests from one machine)")
 	bandwidth := fs.Int64("bandwidth-limit", 0, "bytes per second per session, both directions (0: no limit)")
 	capacity := fs.Int64("total-capacity", 0, "bytes per second over all sessions (0: no limit)")
 	sessionTimeout := fs.Duration("session-timeout", 0, "end sessions idle this long (0: only lifetimes end them)")
@@ -64,12 +70,16 @@ func runRelay(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	fs.Usage = func() {
 		fmt.Fprint(stderr, `Usage: peerlink relay --listen ADDR [--tls-listen ADDR --cert F --key F] [--user USER:PASS ...]
        [--realm R] [--secret S] [--relay-ip IP] [--max-sessions N] [--bandwidth-limit BYTES_PER_S]
-       [--session-timeout DUR] [--allow-loopback-peers] [--rendezvous URL [--identity F]] [--metrics ADDR]
+       [--session-timeout DUR] [--source-quota N] [--request-rate R] [--no-request-limit]
+       [--allow-loopback-peers] [--rendezvous URL [--identity F]] [--metrics ADDR]
 
 Runs a TURN relay (RFC 8656) for clients on UDP, TCP and TLS. Every allocation needs
 credentials: --user for fixed ones, --secret for TURN REST ephemeral ones (as coturn's
 use-auth-secret). Peers on loopback, private and link-local addresses are refused unless
-allowed. SIGUSR1 stops new sessions (existing ones carry on), SIGUSR2 allows them again.
+allowed. Each client IP address (IPv6: /64) gets --source-quota sessions at most and
+--request-rate requests a second (requests over it are dropped, and logged once a source
+every 5 s); the data path is bounded by --bandwidth-limit instead.
+SIGUSR1 stops new sessions (existing ones carry on), SIGUSR2 allows them again.
 With --rendezvous the relay registers its endpoints, capacity and load with a rendezvous
 server every 10 s; nodes of that server without a --relay of their own then use it (give
 the server the relay's --secret as its TURN secret so it can hand out credentials).
@@ -92,12 +102,21 @@ Flags:
 	if fs.NArg() > 0 {
 		return fmt.Errorf("%w: unexpected argument %q", errUsage, fs.Arg(0))
 	}
+	if *sourceQuota < 0 {
+		return fmt.Errorf("%w: --source-quota must not be negative (0: no cap)", errUsage)
+	}
+	if !*noReqLimit && (*reqRate <= 0 || *reqBurst <= 0 || *reqUnauth <= 0 || *reqSources <= 0) {
+		return fmt.Errorf("%w: --request-rate, --request-burst, --request-unauth-cost and --request-max-sources must be positive (use --no-request-limit)", errUsage)
+	}
 
 	cfg := relay.Config{
-		Realm:              *realm,
-		Secret:             *secret,
-		MaxSessions:        *maxSessions,
-		PerUserQuota:       *userQuota,
+		Realm:          *realm,
+		Secret:         *secret,
+		MaxSessions:    *maxSessions,
+		PerUserQuota:   *userQuota,
+		PerSourceQuota: *sourceQuota,
+		RequestLimit: relay.RequestLimit{Disabled: *noReqLimit, Rate: *reqRate, Burst: *reqBurst,
+			UnauthenticatedCost: *reqUnauth, MaxSources: *reqSources},
 		BandwidthLimit:     *bandwidth,
 		TotalCapacity:      *capacity,
 		SessionTimeout:     *sessionTimeout,
@@ -150,6 +169,9 @@ Flags:
 		return fmt.Errorf("%w: bad --min-port/--max-port", errUsage)
 	}
 	cfg.MinPort, cfg.MaxPort = uint16(*minPort), uint16(*maxPort)
+	if cfg.PerSourceQuota == 0 {
+		cfg.PerSourceQuota = -1 // the flag's 0 is no cap; Config's is the default
+	}
 	if *tlsListen != "" {
 		if *cert == "" || *key == "" {
 			return fmt.Errorf("%w: --tls-listen needs --cert and --key", errUsage)

@@ -464,7 +464,10 @@ func startPeerlink(bin, dir string) (*server, error) {
 	if err != nil {
 		return nil, err
 	}
-	cmd := exec.Command(bin, "relay", "--listen", fmt.Sprintf("127.0.0.1:%d", port), "--user", user+":"+pass, "--allow-loopback-peers")
+	// Every client runs on this machine: the per-address limits are off, as coturn has
+	// none by default (the request limit does not touch the data path measured here).
+	cmd := exec.Command(bin, "relay", "--listen", fmt.Sprintf("127.0.0.1:%d", port), "--user", user+":"+pass, "--allow-loopback-peers",
+		"--source-quota", "0", "--no-request-limit")
 	log, err := os.Create(filepath.Join(dir, "peerlink.log"))
 	if err != nil {
 		return nil, err
