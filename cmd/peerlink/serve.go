@@ -79,6 +79,9 @@ type serveSettings struct {
 	relayBandwidth, relayCapacity   int64
 	relayIdle                       time.Duration
 	relayLoopback, relayPrivate     bool
+	relaySourceQuota                int
+	relayReqRate, relayReqBurst     float64
+	relayNoReqLimit                 bool
 
 	dash *serveDashboard // with --metrics: the servers the dashboard shows
 }
@@ -118,6 +121,10 @@ func (s *serveSettings) register(fs *flag.FlagSet) {
 	fs.UintVar(&s.relayMaxPort, "relay-max-port", 0, "highest relayed port")
 	fs.IntVar(&s.relayMaxSessions, "relay-max-sessions", 0, "concurrent relay sessions (0: no cap)")
 	fs.IntVar(&s.relayQuota, "relay-user-quota", 0, "concurrent relay sessions per user (0: no cap)")
+	fs.IntVar(&s.relaySourceQuota, "relay-source-quota", relay.DefaultPerSourceQuota, "concurrent relay sessions per client IP address, IPv6 /64 (0: no cap)")
+	fs.Float64Var(&s.relayReqRate, "relay-request-rate", relay.DefaultRequestRate, "TURN requests per second each client IP address may sustain; more are dropped")
+	fs.Float64Var(&s.relayReqBurst, "relay-request-burst", relay.DefaultRequestBurst, "TURN requests each client IP address may send at once")
+	fs.BoolVar(&s.relayNoReqLimit, "relay-no-request-limit", false, "turn the relay's per-address request limit off (load tests from one machine)")
 	fs.Int64Var(&s.relayBandwidth, "relay-bandwidth-limit", 0, "bytes per second per relay session, both directions (0: no limit)")
 	fs.Int64Var(&s.relayCapacity, "relay-total-capacity", 0, "bytes per second over all relay sessions (0: no limit)")
 	fs.DurationVar(&s.relayIdle, "relay-session-timeout", 0, "end relay sessions idle this long (0: only lifetimes end them)")
@@ -527,6 +534,10 @@ func (s *serveSettings) check() error {
 		return fmt.Errorf("%w: --stun-rate and --stun-burst must be positive", errUsage)
 	case s.stunAltPort > 65535 || s.relayMinPort > 65535 || s.relayMaxPort > 65535 || s.relayMinPort > s.relayMaxPort:
 		return fmt.Errorf("%w: a port is out of range (--stun-alt-port, --relay-min-port, --relay-max-port)", errUsage)
+	case s.relaySourceQuota < 0:
+		return fmt.Errorf("%w: --relay-source-quota must not be negative (0: no cap)", errUsage)
+	case !s.relayNoReqLimit && (s.relayReqRate <= 0 || s.relayReqBurst <= 0):
+		return fmt.Errorf("%w: --relay-request-rate and --relay-request-burst must be positive (use --relay-no-request-limit)", errUsage)
 	case s.relayMaxSessions < 0 || s.relayQuota < 0 || s.relayBandwidth < 0 || s.relayCapacity < 0 || s.relayIdle < 0:
 		return fmt.Errorf("%w: relay limits must not be negative", errUsage)
 	}
@@ -578,11 +589,15 @@ func (s *serveSettings) startSTUN(ctx context.Context, stdout io.Writer, log *sl
 func (s *serveSettings) relayConfig(log *slog.Logger, reg prometheus.Registerer) (relay.Config, error) {
 	cfg := relay.Config{
 		Realm: s.realm, Secret: s.turnSecret,
-		MaxSessions: s.relayMaxSessions, PerUserQuota: s.relayQuota,
+		MaxSessions: s.relayMaxSessions, PerUserQuota: s.relayQuota, PerSourceQuota: s.relaySourceQuota,
+		RequestLimit:   relay.RequestLimit{Disabled: s.relayNoReqLimit, Rate: s.relayReqRate, Burst: s.relayReqBurst},
 		BandwidthLimit: s.relayBandwidth, TotalCapacity: s.relayCapacity, SessionTimeout: s.relayIdle,
 		AllowLoopbackPeers: s.relayLoopback, AllowPrivatePeers: s.relayPrivate,
 		MinPort: uint16(s.relayMinPort), MaxPort: uint16(s.relayMaxPort),
 		Logger: log.With("server", "relay"),
+	}
+	if s.relaySourceQuota == 0 {
+		cfg.PerSourceQuota = -1 // the flag's 0 is "no cap"; the Config's is the default
 	}
 	cfg.Metrics = reg
 	if s.store != nil {

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"flag"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"os"
@@ -19,6 +20,7 @@ import (
 	"testing"
 	"time"
 
+	"peerlink/relay"
 	"peerlink/store/natsstore/natstest"
 )
 
@@ -345,6 +347,8 @@ func TestServeUsage(t *testing.T) {
 		{nil, []string{"--config", badJSON}, 2, "want a string, number or boolean"},
 		{nil, []string{"--config", filepath.Join(dir, "missing.conf")}, 2, "--config"},
 		{nil, []string{"--cert", "c.pem"}, 2, "--cert and --key go together"},
+		{nil, []string{"--relay-source-quota", "-1"}, 2, "--relay-source-quota must not be negative"},
+		{[]string{"PEERLINK_RELAY_REQUEST_RATE=0"}, nil, 2, "--relay-request-rate and --relay-request-burst must be positive"},
 		{nil, []string{"--listen", "off", "--stun-listen", "off", "--relay-listen", "off"}, 2, "nothing to serve"},
 		{nil, []string{"--stun-listen", busy, "--relay-listen", "off", "--listen", "off"}, 1, "is --stun-listen " + busy + " free?"},
 		{nil, []string{"--stun-alt-ip", "127.0.0.2", "--stun-listen", ":0", "--relay-listen", "off", "--listen", "off"}, 2, "stun:"},
@@ -444,4 +448,40 @@ func FuzzParseServeConfig(f *testing.F) {
 			}
 		}
 	})
+}
+
+// TestServeRelayLimits checks that serve's relay gets the per-source limits its flags
+// say: the relay's defaults unless told, 0 for no cap, and the request limit off.
+func TestServeRelayLimits(t *testing.T) {
+	for _, tt := range []struct {
+		args  []string
+		check func(c relay.Config) bool
+	}{
+		{nil, func(c relay.Config) bool {
+			return c.PerSourceQuota == relay.DefaultPerSourceQuota && !c.RequestLimit.Disabled && c.RequestLimit.Rate == relay.DefaultRequestRate
+		}},
+		{[]string{"--relay-source-quota", "0", "--relay-no-request-limit"}, func(c relay.Config) bool {
+			return c.PerSourceQuota < 0 && c.RequestLimit.Disabled
+		}},
+		{[]string{"--relay-source-quota", "5", "--relay-request-rate", "9", "--relay-request-burst", "30"}, func(c relay.Config) bool {
+			return c.PerSourceQuota == 5 && c.RequestLimit.Rate == 9 && c.RequestLimit.Burst == 30
+		}},
+	} {
+		fs := flag.NewFlagSet("serve", flag.ContinueOnError)
+		var s serveSettings
+		s.register(fs)
+		if err := fs.Parse(tt.args); err != nil {
+			t.Fatal(err)
+		}
+		if err := resolveServeSettings(fs, &s, func(string) string { return "" }); err != nil {
+			t.Fatal(err)
+		}
+		cfg, err := s.relayConfig(slog.New(slog.DiscardHandler), nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !tt.check(cfg) {
+			t.Errorf("serve %v: relay source quota %d, request limit %+v", tt.args, cfg.PerSourceQuota, cfg.RequestLimit)
+		}
+	}
 }
