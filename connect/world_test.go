@@ -56,6 +56,8 @@ type nodeOpts struct {
 	wrap      func(nettype.PacketListener) nettype.PacketListener
 	pathCheck PathCheck
 	lan       *LANConfig
+	refresh   time.Duration        // Config.Refresh
+	site      func(*emuworld.Site) // told the node's site (its NAT, to rebind it)
 }
 
 // node starts a node behind a new NAT of the given type.
@@ -69,6 +71,9 @@ func (w *world) node(name string, o nodeOpts) *Node {
 	site, err := w.w.AddSite(name, emuworld.SiteConfig{NAT: spec, Link: natlab.Link{Loss: o.loss}})
 	if err != nil {
 		t.Fatal(err)
+	}
+	if o.site != nil {
+		o.site(site)
 	}
 	h := site.Host
 	profile := &site.Profile
@@ -85,7 +90,7 @@ func (w *world) node(name string, o nodeOpts) *Node {
 		netw = o.wrap(h)
 	}
 	cfg := Config{
-		Identity: id, Signal: sc, STUN: w.w.STUN, Net: netw, Profile: profile, PathCheck: o.pathCheck, LAN: o.lan,
+		Identity: id, Signal: sc, STUN: w.w.STUN, Net: netw, Profile: profile, PathCheck: o.pathCheck, LAN: o.lan, Refresh: o.refresh,
 		LocalIPs: func() ([]netip.Addr, error) { return h.Addrs(), nil },
 		Punch:    punch.Config{Pace: time.Millisecond, ProbeInterval: time.Millisecond, CheckInterval: 20 * time.Millisecond},
 	}
