@@ -111,6 +111,7 @@ func newAgentState() *agentState {
 	open := prometheus.NewGaugeVec(prometheus.GaugeOpts{
 		Name: "peerlink_agent_connections", Help: "Open connections, by current method.",
 	}, []string{"method"})
+	s.reg.MustRegister(peerMetrics{s})
 	s.reg.MustRegister(s.accepted, s.echoed, collectorFunc{open, func() {
 		s.mu.Lock()
 		defer s.mu.Unlock()
@@ -362,4 +363,46 @@ func httpListenAddr(addr string) string {
 		return net.JoinHostPort("127.0.0.1", port)
 	}
 	return addr
+}
+
+// peerMetrics exports each open connection's health on /metrics, one series per peer:
+// what the dashboard shows, for a scraper.
+type peerMetrics struct{ s *agentState }
+
+var (
+	peerLabels      = []string{"peer", "method"}
+	descPeerRTT     = prometheus.NewDesc("peerlink_agent_peer_rtt_seconds", "Round-trip time of the agent's pings to the peer.", peerLabels, nil)
+	descPeerJitter  = prometheus.NewDesc("peerlink_agent_peer_jitter_seconds", "RFC 3550 jitter of the round trips to the peer.", peerLabels, nil)
+	descPeerLoss    = prometheus.NewDesc("peerlink_agent_peer_loss_ratio", "Share of the last pings to the peer that got no echo (0-1).", peerLabels, nil)
+	descPeerQuality = prometheus.NewDesc("peerlink_agent_peer_quality", "Path quality score of the connection, 0-100.", peerLabels, nil)
+	descPeerMoves   = prometheus.NewDesc("peerlink_agent_peer_path_moves_total", "Moves between the direct path and the relay, by kind (fallback, restore).", append(peerLabels, "kind"), nil)
+)
+
+func (m peerMetrics) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range []*prometheus.Desc{descPeerRTT, descPeerJitter, descPeerLoss, descPeerQuality, descPeerMoves} {
+		ch <- d
+	}
+}
+
+func (m peerMetrics) Collect(ch chan<- prometheus.Metric) {
+	for _, c := range m.s.snapshot().Connections {
+		l := []string{c.Peer, c.Method}
+		gauge := func(d *prometheus.Desc, v float64) {
+			ch <- prometheus.MustNewConstMetric(d, prometheus.GaugeValue, v, l...)
+		}
+		if c.RTTMS != nil {
+			gauge(descPeerRTT, *c.RTTMS/1000)
+		}
+		if c.JitterMS != nil {
+			gauge(descPeerJitter, *c.JitterMS/1000)
+		}
+		if c.Loss != nil {
+			gauge(descPeerLoss, *c.Loss)
+		}
+		if c.Quality != nil {
+			gauge(descPeerQuality, float64(*c.Quality))
+		}
+		ch <- prometheus.MustNewConstMetric(descPeerMoves, prometheus.CounterValue, float64(c.Fallbacks), c.Peer, c.Method, "fallback")
+		ch <- prometheus.MustNewConstMetric(descPeerMoves, prometheus.CounterValue, float64(c.Restores), c.Peer, c.Method, "restore")
+	}
 }

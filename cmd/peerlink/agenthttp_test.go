@@ -171,6 +171,13 @@ func TestAgentConnectAPI(t *testing.T) {
 	if c.Peer != b.node || !c.Outgoing || c.Method != "direct" || *c.RTTMS <= 0 || *c.RTTMS > 500 || c.Loss == nil || *c.Loss != 0 || c.Quality == nil || *c.Quality < 80 || st.Initiated != 1 {
 		t.Errorf("connection made from the dashboard: %+v (rtt %v, loss %v, quality %v)", c, deref(c.RTTMS), deref(c.Loss), deref(c.Quality))
 	}
+	// The same figures, per peer, on /metrics.
+	metrics := httpGet(t, a.ready.HTTP+"metrics")
+	for _, name := range []string{"peerlink_agent_peer_rtt_seconds", "peerlink_agent_peer_quality", "peerlink_agent_peer_loss_ratio"} {
+		if want := name + `{method="` + c.Method + `",peer="` + b.node + `"}`; !strings.Contains(metrics, want) {
+			t.Errorf("/metrics lacks %s", want)
+		}
+	}
 	// Connecting again returns the open connection rather than making another.
 	if code, out := post(t, api, body, nil); code != http.StatusOK || out["peer"] != b.node {
 		t.Errorf("second POST: %d %v", code, out)
