@@ -101,6 +101,8 @@ type Conn struct {
 	relayPeer    netip.AddrPort
 	relayUp      bool
 	relayWatched bool // watchRelay runs
+	// ipv6 are the pings toward the peer's IPv6 candidates (ipv6.go); nil when none run.
+	ipv6 *ipv6Checks
 	// wsr is the path through the rendezvous server (the last resort), once open;
 	// wsrReady is closed then.
 	wsr      *signal.RelayConn
@@ -394,6 +396,7 @@ func (c *Conn) proceed(ctx context.Context, initiator, responder signal.Connecti
 			remoteRelayed = cand.AddrPort()
 		}
 	}
+	hosts, v6 := c.startIPv6(hosts, step.Technique) // IPv6 checks run beside the IPv4 plan (ipv6.go)
 	relayed := !c.opts.NoRelay && remoteRelayed.IsValid() && c.n.relayConn() != nil
 	if relayed {
 		// Not ctx: that ends when this returns, and the relayed path must still be
@@ -413,6 +416,9 @@ func (c *Conn) proceed(ctx context.Context, initiator, responder signal.Connecti
 		punchErr = errors.New("direct paths disabled")
 	default:
 		punchErr = c.punch(ctx, punch.Setup{Session: c.session, Key: c.checkKey, Step: step, Self: self, Local: local, Remote: remote, Main: c.n.main}, hosts, reflexive)
+	}
+	if punchErr != nil {
+		punchErr = v6.settle(c, punchErr, c.opts.NoRelay)
 	}
 	c.mu.Lock()
 	c.settled = true
@@ -484,6 +490,15 @@ func (c *Conn) punch(ctx context.Context, setup punch.Setup, hosts, reflexive []
 		return err
 	}
 	c.mu.Lock()
+	if c.direct != nil {
+		// The IPv6 checks found a path first (ipv6.go): keep it.
+		c.mu.Unlock()
+		c.n.log.Debug("connect: IPv4 path found after the IPv6 one; keeping IPv6", "peer", c.peer.Short(), "technique", res.Technique)
+		if res.Local != c.n.main {
+			res.Local.Close()
+		}
+		return nil
+	}
 	c.direct, c.directAddr = res.Local, res.Remote
 	c.directMethod = methodOf(res.Technique)
 	if res.Local != c.n.main {
@@ -580,6 +595,7 @@ func (c *Conn) receive(kind byte, payload []byte, from netip.AddrPort, pc net.Pa
 		if via != nil {
 			c.relayConfirmed(from)
 		} else {
+			c.ipv6Pong(from, pc)
 			c.roam(from, pc)
 			c.directPong()
 		}

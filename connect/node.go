@@ -73,6 +73,8 @@ type Config struct {
 	Bind string
 	// LocalIPs lists the addresses offered as host candidates; nil means the host's
 	// interface addresses, without loopback, link-local and container or VPN interfaces.
+	// IPv4 addresses get the main socket's port; when there are global or unique-local
+	// IPv6 addresses, the node opens a second socket (udp6) for them (ipv6.go).
 	LocalIPs func() ([]netip.Addr, error)
 	// Profile, when set, is used instead of detecting the NAT (a known environment).
 	Profile *nat.Profile
@@ -114,6 +116,7 @@ type Node struct {
 	clock  clock.Clock
 	net    nettype.PacketListener
 	main   *mux.Mux
+	v6     *mux.Mux // the IPv6 socket (ipv6.go); nil without a usable IPv6 address
 	engine *punch.Engine
 	det    *detect.Detector
 
@@ -234,8 +237,11 @@ func Start(ctx context.Context, cfg Config) (*Node, error) {
 	}
 	if ips, err := localIPs(); err == nil {
 		for _, ip := range ips {
-			n.hosts = append(n.hosts, netip.AddrPortFrom(ip, n.main.LocalAddr().Port()))
+			if ip.Unmap().Is4() {
+				n.hosts = append(n.hosts, netip.AddrPortFrom(ip.Unmap(), n.main.LocalAddr().Port()))
+			}
 		}
+		n.startIPv6(ctx, ips)
 	}
 	if cfg.LAN != nil {
 		if err := n.startLAN(ctx); err != nil {
@@ -565,6 +571,9 @@ func (n *Node) Close() error {
 	byes.Wait()
 	n.engine.Close()
 	n.main.Close()
+	if n.v6 != nil {
+		n.v6.Close()
+	}
 	n.relayMu.Lock()
 	if n.relay != nil {
 		n.relay.Close()
@@ -694,9 +703,9 @@ func addrPortOf(a net.Addr) netip.AddrPort {
 	return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
 }
 
-// hostIPs lists the host's usable addresses for host candidates: no loopback or
-// link-local, and no container, bridge or VPN interfaces, whose addresses peers cannot
-// reach and which would only cost checks.
+// hostIPs lists the host's usable addresses for host candidates: IPv4 and global or
+// unique-local IPv6, no loopback or link-local, and no container, bridge or VPN
+// interfaces, whose addresses peers cannot reach and which would only cost checks.
 func hostIPs() ([]netip.Addr, error) {
 	ifs, err := net.Interfaces()
 	if err != nil {
@@ -714,7 +723,7 @@ func hostIPs() ([]netip.Addr, error) {
 				continue
 			}
 			ip := p.Addr().Unmap()
-			if ip.Is4() && !ip.IsLoopback() && !ip.IsLinkLocalUnicast() {
+			if (ip.Is4() && !ip.IsLoopback() && !ip.IsLinkLocalUnicast()) || usableIPv6(ip) {
 				out = append(out, ip)
 			}
 		}

@@ -203,7 +203,7 @@ func (l *Lab) delayedVeth(ctx context.Context, ns, ifname, inetIf string, delay 
 	idx := len(l.delays)
 	l.mu.Unlock()
 	if l.delayNS == nil {
-		h, err := l.addNode(ctx, "delay relays", "dly", nil, false)
+		h, err := l.addNode(ctx, "delay relays", delayNode, nil, false)
 		if err != nil {
 			return err
 		}

@@ -11,21 +11,40 @@ import (
 // given internet addresses, as a NAT that loses a mapping or a link that fails does,
 // and leaves other traffic alone: cutting a peer's public address kills a punched path
 // while the path through a relay on the server stays up. Cut with no addresses heals
-// the site. Each call replaces the previous one.
+// the site. Each call replaces the previous one. In an IPv6 lab, addrs may be IPv6
+// addresses too.
 func (s *Site) Cut(ctx context.Context, addrs ...netip.Addr) error {
 	if len(s.Routers) == 0 {
 		return fmt.Errorf("netlab: site %s has no router to cut", s.Name)
 	}
-	return nftApply(ctx, s.Routers[0].NS, cutRules(addrs))
+	var v4, v6 []netip.Addr
+	for _, a := range addrs {
+		if a.Unmap().Is4() {
+			v4 = append(v4, a.Unmap())
+		} else {
+			v6 = append(v6, a)
+		}
+	}
+	if len(v6) > 0 && !s.lab.ipv6 {
+		return fmt.Errorf("netlab: cutting IPv6 addresses %v in a lab without IPv6", v6)
+	}
+	if err := nftApply(ctx, s.Routers[0].NS, cutRules("ip", v4)); err != nil {
+		return err
+	}
+	if s.lab.ipv6 {
+		return nftApply(ctx, s.Routers[0].NS, cutRules("ip6", v6))
+	}
+	return nil
 }
 
-// cutRules replaces the router's fault table, atomically as lossRules does.
-func cutRules(addrs []netip.Addr) string {
+// cutRules replaces the router's fault table of family ip or ip6, atomically as
+// lossRules does.
+func cutRules(family string, addrs []netip.Addr) string {
 	var b strings.Builder
-	fmt.Fprintf(&b, "table ip %s_fault\ndelete table ip %s_fault\n", table, table)
-	fmt.Fprintf(&b, "table ip %s_fault {\n\tchain forward {\n\t\ttype filter hook forward priority filter - 20; policy accept;\n", table)
+	fmt.Fprintf(&b, "table %s %s_fault\ndelete table %s %s_fault\n", family, table, family, table)
+	fmt.Fprintf(&b, "table %s %s_fault {\n\tchain forward {\n\t\ttype filter hook forward priority filter - 20; policy accept;\n", family, table)
 	for _, a := range addrs {
-		fmt.Fprintf(&b, "\t\tip daddr %s drop\n\t\tip saddr %s drop\n", a, a)
+		fmt.Fprintf(&b, "\t\t%s daddr %s drop\n\t\t%s saddr %s drop\n", family, a, family, a)
 	}
 	b.WriteString("\t}\n}\n")
 	return b.String()
@@ -43,6 +62,10 @@ func (s *Site) Flush(ctx context.Context) error {
 		// others have none, so a missing map is no error.
 		for _, m := range []string{"map eim_out", "map eim_in", "set eim_used", "set eim_peers"} {
 			run(ctx, "", "ip", "netns", "exec", r.NS, "nft", "flush", strings.Fields(m)[0], "ip", table, strings.Fields(m)[1])
+		}
+		if s.lab.ipv6 {
+			// A full-cone router's IPv6 firewall remembers open endpoints.
+			run(ctx, "", "ip", "netns", "exec", r.NS, "nft", "flush", "set", "ip6", table, "open6")
 		}
 		if err := run(ctx, "", "ip", "netns", "exec", r.NS, "conntrack", "-F"); err != nil {
 			return fmt.Errorf("netlab: flushing %s's conntrack table: %w", r.Name, err)

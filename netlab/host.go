@@ -26,8 +26,11 @@ type Host struct {
 	Name string
 	// NS is the network namespace, as `ip netns` names it.
 	NS string
-	// IPs are the host's addresses, the main one first.
+	// IPs are the host's IPv4 addresses, the main one first.
 	IPs []netip.Addr
+	// IPv6 are the host's global IPv6 addresses in a lab built with Config.IPv6 (the
+	// server's two, a router's WAN address, an end host's); empty otherwise.
+	IPv6 []netip.Addr
 
 	lab *Lab
 }
@@ -42,8 +45,8 @@ func (h *Host) IP() netip.Addr {
 
 func (h *Host) String() string { return fmt.Sprintf("%s (netns %s, %v)", h.Name, h.NS, h.IPs) }
 
-// ListenPacket opens a packet socket inside the host's namespace. The lab closes it on
-// Close if the caller has not.
+// ListenPacket opens a packet socket inside the host's namespace: "udp4", or in an IPv6
+// lab also "udp6" and "udp". The lab closes it on Close if the caller has not.
 func (h *Host) ListenPacket(ctx context.Context, network, address string) (net.PacketConn, error) {
 	var c net.PacketConn
 	err := h.Do(func() error {
@@ -77,8 +80,9 @@ func (h *Host) Listen(ctx context.Context, network, address string) (net.Listene
 	return l, nil
 }
 
-// DialContext connects from inside the host's namespace. address must be a literal
-// IP:port: name resolution would run outside the namespace.
+// DialContext connects from inside the host's namespace ("tcp6" and "udp6" too in an
+// IPv6 lab). address must be a literal IP:port ("[2001:db8::1]:443" for IPv6): name
+// resolution would run outside the namespace.
 func (h *Host) DialContext(ctx context.Context, network, address string) (net.Conn, error) {
 	if _, err := netip.ParseAddrPort(address); err != nil {
 		return nil, fmt.Errorf("netlab: dial %q: want a literal ip:port: %w", address, err)

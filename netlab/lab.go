@@ -82,6 +82,11 @@ type SiteConfig struct {
 // The zero value builds one site of every kind, each with one host and a perfect link.
 type Config struct {
 	Sites []SiteConfig
+	// IPv6 adds global IPv6 to the lab next to its IPv4 (see ipv6.go): the server gets
+	// ServerIPv6, each site a /64 on its LAN behind a stateful IPv6 firewall (routers
+	// do not NAT IPv6), KindNone hosts an address on their public link. False means an
+	// IPv4-only lab, with IPv6 off in every namespace.
+	IPv6 bool
 	// Logger receives progress; nil means quiet.
 	Logger *slog.Logger
 }
@@ -96,6 +101,7 @@ type Lab struct {
 	Server *Host
 	Sites  []*Site
 
+	ipv6       bool
 	log        *slog.Logger
 	namespaces []string
 	lockFile   *os.File
@@ -123,6 +129,9 @@ type Site struct {
 	Subscriber *Host
 	// PublicIP is the address the internet sees the site's traffic come from.
 	PublicIP netip.Addr
+	// IPv6Prefix is, in an IPv6 lab, the site's global /64 (its hosts' addresses are in
+	// it); invalid otherwise.
+	IPv6Prefix netip.Prefix
 
 	lab    *Lab
 	ifname string // the site's interface in the internet namespace
@@ -224,7 +233,7 @@ func New(ctx context.Context, cfg Config) (_ *Lab, err error) {
 	if err != nil {
 		return nil, err
 	}
-	l := &Lab{log: cfg.Logger}
+	l := &Lab{log: cfg.Logger, ipv6: cfg.IPv6}
 	if l.log == nil {
 		l.log = slog.New(slog.DiscardHandler)
 	}
@@ -309,7 +318,9 @@ func nftApply(ctx context.Context, ns, rules string) error {
 }
 
 // addNode creates a namespace with loopback up, IPv6 off (no router solicitations or
-// neighbour discovery noise) and IPv4 forwarding as asked.
+// neighbour discovery noise) and IPv4 forwarding as asked. In an IPv6 lab, IPv6 is on
+// instead, quietly (ipv6Sysctls), except in the delay relays' namespace, which only
+// passes frames along.
 func (l *Lab) addNode(ctx context.Context, name, node string, ips []netip.Addr, forward bool) (*Host, error) {
 	ns := l.nsName(node)
 	if err := run(ctx, "", "ip", "netns", "add", ns); err != nil {
@@ -321,11 +332,15 @@ func (l *Lab) addNode(ctx context.Context, name, node string, ips []netip.Addr, 
 		fwd = "1"
 	}
 	err := inNetns(ns, func() error {
-		for _, kv := range [][2]string{
+		sysctls := [][2]string{
 			{"ipv6/conf/all/disable_ipv6", "1"},
 			{"ipv6/conf/default/disable_ipv6", "1"},
 			{"ipv4/ip_forward", fwd},
-		} {
+		}
+		if l.ipv6 && node != delayNode {
+			sysctls = append(sysctls, ipv6Sysctls(forward)...)
+		}
+		for _, kv := range sysctls {
 			if err := os.WriteFile("/proc/sys/net/"+kv[0], []byte(kv[1]), 0); err != nil {
 				return fmt.Errorf("netlab: %s: sysctl %s: %w", ns, kv[0], err)
 			}
@@ -419,6 +434,11 @@ func (l *Lab) build(ctx context.Context, sites []SiteConfig) error {
 	); err != nil {
 		return err
 	}
+	if l.ipv6 {
+		if err := l.serverIPv6(ctx); err != nil {
+			return err
+		}
+	}
 	l.log.Info("internet and server up", "server", fmt.Sprintf("%s+%s", serverIPs[0], serverIPs[1]))
 
 	for i, sc := range sites {
@@ -443,7 +463,13 @@ func (l *Lab) buildSite(ctx context.Context, i int, sc SiteConfig) (*Site, error
 			return nil, err
 		}
 		s.Hosts = []*Host{h}
-		return s, l.publicLink(ctx, h, "eth0", s.PublicIP, s.ifname, sc.Link)
+		if err := l.publicLink(ctx, h, "eth0", s.PublicIP, s.ifname, sc.Link); err != nil {
+			return nil, err
+		}
+		if l.ipv6 {
+			return s, l.openIPv6(ctx, s, i, h)
+		}
+		return s, nil
 	}
 
 	// The outermost router holds the public address.
@@ -516,6 +542,11 @@ func (l *Lab) buildSite(ctx context.Context, i int, sc SiteConfig) (*Site, error
 	if err := nftApply(ctx, home.NS, rules); err != nil {
 		return nil, err
 	}
+	if l.ipv6 {
+		if err := l.siteIPv6(ctx, s, i, outer, home); err != nil {
+			return nil, err
+		}
+	}
 	return s, nil
 }
 
@@ -557,7 +588,13 @@ func (l *Lab) applyLoss(ctx context.Context) error {
 		loss[s.ifname] = s.link.Loss
 	}
 	l.mu.Unlock()
-	return nftApply(ctx, l.Internet.NS, lossRules(loss))
+	if err := nftApply(ctx, l.Internet.NS, lossRules(loss)); err != nil {
+		return err
+	}
+	if l.ipv6 {
+		return nftApply(ctx, l.Internet.NS, lossRules6(loss))
+	}
+	return nil
 }
 
 // Namespaces returns the names of the lab's namespaces.
@@ -568,7 +605,11 @@ func (l *Lab) Describe(w io.Writer) {
 	fmt.Fprintf(w, "kernel NAT lab %s\n", l.ID)
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
 	fmt.Fprintf(tw, "  internet\t%s\tgateway %s\n", l.Internet.NS, internetGW)
-	fmt.Fprintf(tw, "  server\t%s\t%s and %s\n", l.Server.NS, l.Server.IPs[0], l.Server.IPs[1])
+	fmt.Fprintf(tw, "  server\t%s\t%s and %s", l.Server.NS, l.Server.IPs[0], l.Server.IPs[1])
+	if len(l.Server.IPv6) == 2 {
+		fmt.Fprintf(tw, ", %s and %s", l.Server.IPv6[0], l.Server.IPv6[1])
+	}
+	fmt.Fprintln(tw)
 	for _, s := range l.Sites {
 		link := s.Link()
 		fmt.Fprintf(tw, "site %s (%s)\tpublic %s\tclaims %s", s.Name, s.Kind, s.PublicIP, ClaimString(s.Claim()))
@@ -584,7 +625,11 @@ func (l *Lab) Describe(w io.Writer) {
 			fmt.Fprintf(tw, "  %s\t%s\t%s\n", s.Subscriber.Name, s.Subscriber.NS, s.Subscriber.IP())
 		}
 		for _, h := range s.Hosts {
-			fmt.Fprintf(tw, "  %s\t%s\t%s\n", h.Name, h.NS, h.IP())
+			fmt.Fprintf(tw, "  %s\t%s\t%s", h.Name, h.NS, h.IP())
+			for _, a := range h.IPv6 {
+				fmt.Fprintf(tw, " %s", a)
+			}
+			fmt.Fprintln(tw)
 		}
 	}
 	tw.Flush()
