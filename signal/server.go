@@ -460,15 +460,19 @@ func (c *conn) cleanup() {
 	s.mu.Lock()
 	delete(s.all, c)
 	current := !c.id.IsZero() && s.conns[c.id] == c
-	if current {
-		delete(s.conns, c.id)
-	}
 	s.mu.Unlock()
+	if current {
+		// Last seen is stored before the node counts as offline, so that whoever sees
+		// it offline also sees when it left.
+		s.putPresence(c.id)
+		s.mu.Lock()
+		if s.conns[c.id] == c {
+			delete(s.conns, c.id)
+		}
+		s.mu.Unlock()
+	}
 	if !c.id.IsZero() {
 		s.nAuthed.Add(-1)
-	}
-	if current {
-		s.putPresence(c.id)
 	}
 }
 
