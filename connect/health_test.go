@@ -83,29 +83,10 @@ func TestDirectPathFallback(t *testing.T) {
 			b := w.node("b", nodeOpts{typ: mustType(t, "ei-pd-pp"), pathCheck: pc})
 			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 			defer cancel()
-			accepted := make(chan *Conn, 1)
-			go func() {
-				c, _ := b.Accept(ctx)
-				accepted <- c
-			}()
-			ca, err := a.Connect(ctx, b.NodeID(), Options{})
-			if err != nil {
-				t.Fatal(err)
-			}
-			cb := <-accepted
-			if cb == nil {
-				t.Fatal("not accepted")
-			}
+			ca, cb := connected(t, a, b)
 			both := func(m Method, within time.Duration) time.Duration {
 				t.Helper()
-				start := time.Now()
-				for ca.Method() != m || cb.Method() != m {
-					if time.Since(start) > within {
-						t.Fatalf("after %v: %v / %v, want %v on both", within, ca.Method(), cb.Method(), m)
-					}
-					time.Sleep(10 * time.Millisecond)
-				}
-				return time.Since(start)
+				return bothMethod(t, ca, cb, m, within)
 			}
 			both(MethodPunched, 10*time.Second)
 			// The relayed path must be confirmed before there is somewhere to fall back to.

@@ -37,31 +37,8 @@ func TestRebind(t *testing.T) {
 			b := w.node("b", nodeOpts{typ: mustType(t, tc.typ), pathCheck: pc, refresh: 500 * time.Millisecond})
 			ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 			defer cancel()
-			accepted := make(chan *Conn, 1)
-			go func() {
-				c, _ := b.Accept(ctx)
-				accepted <- c
-			}()
-			ca, err := a.Connect(ctx, b.NodeID(), Options{})
-			if err != nil {
-				t.Fatal(err)
-			}
-			cb := <-accepted
-			if cb == nil {
-				t.Fatal("not accepted")
-			}
-			waitMethod := func(want Method, within time.Duration) time.Duration {
-				t.Helper()
-				start := time.Now()
-				for ca.Method() != want || cb.Method() != want {
-					if time.Since(start) > within {
-						t.Fatalf("after %v: %v / %v, want %v on both", within, ca.Method(), cb.Method(), want)
-					}
-					time.Sleep(10 * time.Millisecond)
-				}
-				return time.Since(start)
-			}
-			waitMethod(tc.method, 10*time.Second)
+			ca, cb := connected(t, a, b)
+			bothMethod(t, ca, cb, tc.method, 10*time.Second)
 			before := a.Profile().Public()
 
 			tc.rebind(site.NAT)
@@ -75,7 +52,7 @@ func TestRebind(t *testing.T) {
 			}
 			rcancel()
 			carried := time.Since(start)
-			back := waitMethod(tc.method, 20*time.Second)
+			back := bothMethod(t, ca, cb, tc.method, 20*time.Second)
 			after := a.Profile().Public()
 			if after == before {
 				t.Errorf("the node still says its public address is %v", before)
@@ -105,27 +82,8 @@ func TestNetworkChangedRetriesDirect(t *testing.T) {
 	b := w.node("b", nodeOpts{typ: mustType(t, "ei-pd-pp"), pathCheck: pc})
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	accepted := make(chan *Conn, 1)
-	go func() {
-		c, _ := b.Accept(ctx)
-		accepted <- c
-	}()
-	ca, err := a.Connect(ctx, b.NodeID(), Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	cb := <-accepted
-	if cb == nil {
-		t.Fatal("not accepted")
-	}
-	both := func(m Method, within time.Duration) {
-		t.Helper()
-		for start := time.Now(); ca.Method() != m || cb.Method() != m; time.Sleep(10 * time.Millisecond) {
-			if time.Since(start) > within {
-				t.Fatalf("after %v: %v / %v, want %v on both", within, ca.Method(), cb.Method(), m)
-			}
-		}
-	}
+	ca, cb := connected(t, a, b)
+	both := func(m Method, within time.Duration) { t.Helper(); bothMethod(t, ca, cb, m, within) }
 	both(MethodPunched, 10*time.Second)
 	for !relayUp(ca) || !relayUp(cb) {
 		if ctx.Err() != nil {

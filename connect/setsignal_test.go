@@ -18,19 +18,7 @@ func TestSetSignal(t *testing.T) {
 	b := w.node("b", nodeOpts{typ: mustType(t, "ei-pd-pp")})
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
-	accepted := make(chan *Conn, 1)
-	go func() {
-		c, _ := b.Accept(ctx)
-		accepted <- c
-	}()
-	ca, err := a.Connect(ctx, b.NodeID(), Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	cb := <-accepted
-	if cb == nil {
-		t.Fatal("b accepted nothing")
-	}
+	ca, cb := connected(t, a, b)
 
 	old := b.signal()
 	fresh := sig.DialAs(t, b.id, nil)

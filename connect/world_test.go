@@ -168,3 +168,38 @@ func roundTrip(ctx context.Context, from, to *Conn, msg string) error {
 		}
 	}
 }
+
+// connected connects a to b and returns both ends; they close when the test ends.
+func connected(t testing.TB, a, b *Node) (*Conn, *Conn) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	accepted := make(chan *Conn, 1)
+	go func() {
+		c, _ := b.Accept(ctx)
+		accepted <- c
+	}()
+	ca, err := a.Connect(ctx, b.NodeID(), Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cb := <-accepted
+	if cb == nil {
+		t.Fatal("not accepted")
+	}
+	t.Cleanup(func() { ca.Close(); cb.Close() })
+	return ca, cb
+}
+
+// bothMethod waits until both ends use m, at most within, and says how long it took.
+func bothMethod(t testing.TB, ca, cb *Conn, m Method, within time.Duration) time.Duration {
+	t.Helper()
+	start := time.Now()
+	for ca.Method() != m || cb.Method() != m {
+		if time.Since(start) > within {
+			t.Fatalf("after %v: %v / %v, want %v on both", within, ca.Method(), cb.Method(), m)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	return time.Since(start)
+}
