@@ -54,21 +54,11 @@ Flags:
 	}
 	pos, err := parseInterspersed(fs, args)
 	if err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return err
-		}
-		return fmt.Errorf("%w: %v", errUsage, err)
+		return err
 	}
-	var target identity.NodeID
-	switch {
-	case *listen && len(pos) != 0:
-		return fmt.Errorf("%w: --listen takes no <node>", errUsage)
-	case !*listen && len(pos) != 1:
-		return fmt.Errorf("%w: want exactly one <node> (or --listen), got %d arguments", errUsage, len(pos))
-	case !*listen:
-		if target, err = identity.ParseNodeID(pos[0]); err != nil {
-			return fmt.Errorf("%w: %v", errUsage, err)
-		}
+	target, err := listenOrNode(pos, *listen)
+	if err != nil {
+		return err
 	}
 	if *timeout <= 0 {
 		return fmt.Errorf("%w: --timeout must be positive", errUsage)
@@ -265,4 +255,22 @@ func peerClosed(err error) bool {
 func peerReset(err error) bool {
 	var se *quic.StreamError
 	return errors.As(err, &se) && se.Remote
+}
+
+// listenOrNode checks the positional arguments of a command that either waits for a
+// node (--listen) or connects to one <node>, and returns that node (zero with --listen).
+func listenOrNode(pos []string, listen bool) (identity.NodeID, error) {
+	switch {
+	case listen && len(pos) != 0:
+		return identity.NodeID{}, fmt.Errorf("%w: --listen takes no <node>", errUsage)
+	case listen:
+		return identity.NodeID{}, nil
+	case len(pos) != 1:
+		return identity.NodeID{}, fmt.Errorf("%w: want exactly one <node> (a NodeID, as 'peerlink id' prints it) or --listen, got %d arguments", errUsage, len(pos))
+	}
+	target, err := identity.ParseNodeID(pos[0])
+	if err != nil {
+		return identity.NodeID{}, fmt.Errorf("%w: %v", errUsage, err)
+	}
+	return target, nil
 }

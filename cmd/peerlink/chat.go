@@ -129,21 +129,11 @@ Flags:
 	}
 	pos, err := parseInterspersed(fs, args)
 	if err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return err
-		}
-		return fmt.Errorf("%w: %v", errUsage, err)
+		return err
 	}
-	var target identity.NodeID
-	switch {
-	case *listen && len(pos) != 0:
-		return fmt.Errorf("%w: --listen takes no <node>", errUsage)
-	case !*listen && len(pos) != 1:
-		return fmt.Errorf("%w: want exactly one <node> (a NodeID, as 'peerlink id' prints it) or --listen, got %d arguments", errUsage, len(pos))
-	case !*listen:
-		if target, err = identity.ParseNodeID(pos[0]); err != nil {
-			return fmt.Errorf("%w: %v", errUsage, err)
-		}
+	target, err := listenOrNode(pos, *listen)
+	if err != nil {
+		return err
 	}
 	if *timeout <= 0 {
 		return fmt.Errorf("%w: --timeout must be positive", errUsage)

@@ -308,10 +308,7 @@ Flags:
 	}
 	pos, err := parseInterspersed(fs, args)
 	if err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return err
-		}
-		return fmt.Errorf("%w: %v", errUsage, err)
+		return err
 	}
 	if len(pos) != 1 {
 		return fmt.Errorf("%w: want exactly one <node> (a NodeID, as 'peerlink id' prints it), got %d arguments", errUsage, len(pos))
@@ -589,12 +586,16 @@ func msText(v *float64, none string) string {
 func ptr[T any](v T) *T { return &v }
 
 // parseInterspersed parses flags that may come before or after positional arguments
-// ("connect <node> --json"), and returns the positional ones. "--" ends the flags.
+// ("connect <node> --json"), and returns the positional ones. "--" ends the flags. Its
+// errors are flag.ErrHelp for -h, and wrap errUsage otherwise.
 func parseInterspersed(fs *flag.FlagSet, args []string) ([]string, error) {
 	var pos []string
 	for {
 		if err := fs.Parse(args); err != nil {
-			return nil, err
+			if errors.Is(err, flag.ErrHelp) {
+				return nil, err
+			}
+			return nil, fmt.Errorf("%w: %v", errUsage, err)
 		}
 		rest := fs.Args()
 		if len(rest) == 0 {

@@ -297,10 +297,7 @@ Flags:
 	}
 	pos, err := parseInterspersed(fs, args)
 	if err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return err
-		}
-		return fmt.Errorf("%w: %v", errUsage, err)
+		return err
 	}
 	if len(pos) != 2 {
 		return fmt.Errorf("%w: want <node> FILE, got %d arguments", errUsage, len(pos))
@@ -449,10 +446,7 @@ Flags:
 	}
 	pos, err := parseInterspersed(fs, args)
 	if err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return err
-		}
-		return fmt.Errorf("%w: %v", errUsage, err)
+		return err
 	}
 	if len(pos) != 0 {
 		return fmt.Errorf("%w: unexpected argument %q (the directory goes after --dir)", errUsage, pos[0])
