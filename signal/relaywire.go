@@ -170,7 +170,7 @@ func appendReadyRec(dst []byte, toSid uint32, from identity.NodeID, fromSid uint
 
 func appendCloseRec(dst []byte, toSid uint32, from identity.NodeID, fromSid uint32, code Code, msg string) []byte {
 	code = Code(clipString(string(code), 255))
-	msg = clipString(msg, 1024)
+	msg = clipString(msg, maxCloseMsg)
 	dst = appendRecHead(dst, recClose, toSid, from, fromSid)
 	dst = append(dst, byte(len(code)))
 	dst = append(dst, code...)
@@ -183,6 +183,10 @@ func appendDataRec(dst []byte, toSid uint32, from identity.NodeID, fromSid uint3
 	dst = binary.BigEndian.AppendUint16(dst, uint16(len(p)))
 	return append(dst, p...)
 }
+
+// maxCloseMsg bounds a close record's message: servers write no longer ones, and read
+// none either.
+const maxCloseMsg = 1024
 
 func clipString(s string, n int) string {
 	if len(s) > n {
@@ -232,6 +236,9 @@ func nextRecord(b []byte) (r relayRecord, rest []byte, err error) {
 		b = b[1+n:]
 		m := int(binary.BigEndian.Uint16(b))
 		b = b[2:]
+		if m > maxCloseMsg {
+			return r, nil, fmt.Errorf("signal: relay close record message of %d bytes, more than %d", m, maxCloseMsg)
+		}
 		if len(b) < m {
 			return r, nil, short()
 		}
