@@ -382,7 +382,10 @@ func TestServeSettingsPrecedence(t *testing.T) {
 			return s.realm == "flag" && s.turnTTL == 5*time.Minute
 		}},
 		{"defaults", nil, nil, func(s *serveSettings) bool {
-			return s.realm == "peerlink" && s.turnTTL == time.Hour && s.stunListen == ":3478" && s.relayListen == ":3480" && s.stunTCP
+			return s.realm == "peerlink" && s.turnTTL == time.Hour && s.stunListen == ":3478" && s.relayListen == ":3480" && s.stunTCP && !s.skipSigCheck
+		}},
+		{"skip signature checks from the environment", nil, map[string]string{"PEERLINK_SKIP_SIGNATURE_CHECK": "true"}, func(s *serveSettings) bool {
+			return s.skipSigCheck
 		}},
 	}
 	for _, tt := range tests {
