@@ -109,6 +109,8 @@ type Conn struct {
 	wsrReady chan struct{}
 	wsrOnce  sync.Once
 	stats    Stats
+	// peerInfo is what the peer's signed offer or answer said; zero on LAN connections.
+	peerInfo signal.ConnectionInfo
 
 	// Direct path health (watchDirect).
 	directDown   bool   // the direct path went silent: Send uses the relay
@@ -362,9 +364,26 @@ func (c *Conn) respond(offer *signal.Message) {
 	c.proceed(ctx, *offer.Info, info)
 }
 
+// PeerInfo returns the connection information the peer signed in its offer or answer
+// (its candidates, NAT profile and, when it runs one, its WireGuard public key). It is
+// the zero value for connections made over the LAN without signaling, and before the
+// peer's offer or answer arrived.
+func (c *Conn) PeerInfo() signal.ConnectionInfo {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.peerInfo
+}
+
 // proceed runs the plan once both sides' information is known: the relay at once
 // when allowed, and hole punching toward a direct path.
 func (c *Conn) proceed(ctx context.Context, initiator, responder signal.ConnectionInfo) {
+	c.mu.Lock()
+	if c.initiator {
+		c.peerInfo = responder
+	} else {
+		c.peerInfo = initiator
+	}
+	c.mu.Unlock()
 	a, b := profileOf(initiator), profileOf(responder)
 	plan := nat.Strategy(a, b)
 	step := plan.Primary()

@@ -143,6 +143,10 @@ type Node struct {
 
 	lan *lanState // nil without Config.LAN
 
+	// wgKey is the WireGuard public key (hex) the node offers with its connection
+	// information; empty when it runs no WireGuard device.
+	wgKey atomic.Pointer[string]
+
 	accept chan *Conn
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -399,7 +403,31 @@ func (n *Node) info() signal.ConnectionInfo {
 	if srflx.IsValid() {
 		p.PublicIP, p.PublicPort = srflx.Addr(), srflx.Port()
 	}
-	return signal.NewConnectionInfo(p, n.main.LocalAddr(), cands)
+	ci := signal.NewConnectionInfo(p, n.main.LocalAddr(), cands)
+	if k := n.wgKey.Load(); k != nil {
+		ci.WGPublicKey = *k
+	}
+	return ci
+}
+
+// SetWGPublicKey makes the node offer key (a WireGuard public key, 64 hex digits; empty
+// for none) in its signed offers, answers and published information, so that peers
+// learn it from signaling the node signed (see Conn.PeerInfo). The node publishes
+// again at once; connections made before the call keep what they exchanged.
+func (n *Node) SetWGPublicKey(ctx context.Context, key string) error {
+	if key == "" {
+		n.wgKey.Store(nil)
+	} else {
+		n.wgKey.Store(&key)
+	}
+	sc := n.signal()
+	if sc == nil {
+		return nil
+	}
+	if err := sc.Publish(ctx, n.info()); err != nil {
+		return fmt.Errorf("connect: publishing the WireGuard key: %w", err)
+	}
+	return nil
 }
 
 // relayRetry is how long a failed relay allocation is remembered before trying again.

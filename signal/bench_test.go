@@ -1,9 +1,12 @@
 package signal
 
 import (
+	"context"
 	"net/netip"
 	"testing"
 	"time"
+
+	"peerlink/identity"
 )
 
 // BenchmarkServerDecode is the server's per-message parsing: frame, then envelope.
@@ -24,5 +27,38 @@ func BenchmarkServerDecode(b *testing.B) {
 		if _, err := decodeEnvelope(f.Type, f.Body); err != nil {
 			b.Fatal(err)
 		}
+	}
+}
+
+// BenchmarkRouteCheck is the party check routing adds to every message, with the
+// membership cache warm: sender and target in one party, and both in none.
+func BenchmarkRouteCheck(b *testing.B) {
+	srv, err := NewServer(Config{PingInterval: -1})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer srv.Close()
+	for _, inParty := range []bool{false, true} {
+		name := "no-party"
+		if inParty {
+			name = "shared-party"
+		}
+		b.Run(name, func(b *testing.B) {
+			x, y := mustID(b), mustID(b)
+			if inParty {
+				ctx := context.Background()
+				for _, id := range []*identity.Identity{x, y} {
+					if err := srv.addMembership(ctx, id.NodeID(), "lan"); err != nil {
+						b.Fatal(err)
+					}
+				}
+			}
+			b.ReportAllocs()
+			for b.Loop() {
+				if e := srv.checkShared(x.NodeID(), y.NodeID()); e != nil {
+					b.Fatal(e)
+				}
+			}
+		})
 	}
 }

@@ -1,6 +1,7 @@
 package signal
 
 import (
+	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	"net/netip"
@@ -21,6 +22,9 @@ type ConnectionInfo struct {
 	NATType    nat.Classic  `json:"natType"`
 	Profile    *nat.Profile `json:"profile,omitempty"`
 	Candidates []Candidate  `json:"candidates,omitempty"`
+	// WGPublicKey is the node's WireGuard (Curve25519) public key in 64 hex digits, for
+	// party networks; empty when the node runs none.
+	WGPublicKey string `json:"wgPublicKey,omitempty"`
 }
 
 // NewConnectionInfo fills a ConnectionInfo from a detected profile, the local address of
@@ -72,6 +76,11 @@ func parseClassic(s string) (nat.Classic, error) {
 }
 
 func (ci *ConnectionInfo) validate() error {
+	if ci.WGPublicKey != "" {
+		if k, err := hex.DecodeString(ci.WGPublicKey); err != nil || len(k) != 32 {
+			return errorf(CodeInvalid, "wgPublicKey must be 64 hex digits (a Curve25519 public key)")
+		}
+	}
 	if len(ci.Candidates) > MaxCandidates {
 		return errorf(CodeInvalid, "%d candidates, at most %d", len(ci.Candidates), MaxCandidates)
 	}

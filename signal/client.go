@@ -21,6 +21,7 @@ import (
 	"peerlink/clock"
 	"peerlink/identity"
 	"peerlink/nat"
+	"peerlink/party"
 	"peerlink/relayreg"
 )
 
@@ -569,4 +570,79 @@ func (c *Client) ListRelays(ctx context.Context) ([]relayreg.Info, error) {
 		return nil, errorf(CodeMalformed, "relays: %v", err)
 	}
 	return r.Relays, nil
+}
+
+// CreateParty creates party name with this node as its owner and first member
+// (party.ErrPartyExists when the name is taken, party.ErrBadName for a bad name).
+func (c *Client) CreateParty(ctx context.Context, name string) (*party.Party, error) {
+	return c.partyRequest(ctx, TypePartyCreate, partyNameBody{Name: name})
+}
+
+// JoinParty joins the party an invite token (party.NewInvite) is for. The server checks
+// the invite's signature and expiry (party.ErrInviteForged, party.ErrInviteExpired) and
+// that its inviter is still a member.
+func (c *Client) JoinParty(ctx context.Context, token string) (*party.Party, error) {
+	return c.partyRequest(ctx, TypePartyJoin, partyJoinBody{Invite: token})
+}
+
+// LeaveParty leaves party name. An owner leaving hands the party to the member who
+// joined first; the last member leaving deletes it.
+func (c *Client) LeaveParty(ctx context.Context, name string) error {
+	_, err := c.request(ctx, TypePartyLeave, partyNameBody{Name: name}, TypeOK)
+	return err
+}
+
+// KickFromParty removes node from party name; only the owner may (party.ErrNotOwner).
+func (c *Client) KickFromParty(ctx context.Context, name string, node identity.NodeID) error {
+	_, err := c.request(ctx, TypePartyKick, partyKickBody{Name: name, NodeID: node.String()}, TypeOK)
+	return err
+}
+
+// Party returns party name with its members' Online and LastSeen; only members may ask
+// (party.ErrNotMember).
+func (c *Client) Party(ctx context.Context, name string) (*party.Party, error) {
+	return c.partyRequest(ctx, TypePartyGet, partyNameBody{Name: name})
+}
+
+// Parties returns the names of this node's parties, sorted.
+func (c *Client) Parties(ctx context.Context) ([]string, error) {
+	f, err := c.request(ctx, TypePartyList, struct{}{}, TypeParties)
+	if err != nil {
+		return nil, err
+	}
+	return decodeParties(f.Body)
+}
+
+func (c *Client) partyRequest(ctx context.Context, t Type, body any) (*party.Party, error) {
+	f, err := c.request(ctx, t, body, TypeParty)
+	if err != nil {
+		return nil, err
+	}
+	return decodeParty(f.Body)
+}
+
+// decodeParty decodes and checks a party body from the server.
+func decodeParty(b []byte) (*party.Party, error) {
+	p := new(party.Party)
+	if err := json.Unmarshal(b, p); err != nil {
+		return nil, errorf(CodeMalformed, "party: %v", err)
+	}
+	if err := p.Validate(); err != nil {
+		return nil, errorf(CodeMalformed, "party from server: %v", err)
+	}
+	return p, nil
+}
+
+// decodeParties decodes a parties body from the server.
+func decodeParties(b []byte) ([]string, error) {
+	var pb partiesBody
+	if err := json.Unmarshal(b, &pb); err != nil {
+		return nil, errorf(CodeMalformed, "parties: %v", err)
+	}
+	for _, n := range pb.Names {
+		if err := party.ValidName(n); err != nil {
+			return nil, errorf(CodeMalformed, "parties: %v", err)
+		}
+	}
+	return pb.Names, nil
 }

@@ -3,6 +3,8 @@ package signal
 import (
 	"errors"
 	"fmt"
+
+	"peerlink/party"
 )
 
 // Code is an error code on the wire. docs/protocol.md lists them all.
@@ -41,7 +43,49 @@ const (
 	CodeUnknownSession   Code = "unknown_session"   // a relay frame or request for a session never opened
 	CodeTooManySessions  Code = "too_many_sessions" // the connection's session limit is reached
 	CodeRelayUnavailable Code = "relay_unavailable" // the server does not relay
+
+	// Parties (docs/protocol.md section 13). Each matches one of package party's
+	// errors with errors.Is.
+	CodeBadPartyName    Code = "bad_party_name"   // party.ErrBadName
+	CodePartyFull       Code = "party_full"       // party.ErrPartyFull
+	CodeInviteMalformed Code = "invite_malformed" // party.ErrInviteMalformed
+	CodeInviteForged    Code = "invite_forged"    // party.ErrInviteForged: bad signature, or signer not a member
+	CodeInviteExpired   Code = "invite_expired"   // party.ErrInviteExpired
+	CodeNoParty         Code = "no_party"         // party.ErrNoParty
+	CodePartyExists     Code = "party_exists"     // party.ErrPartyExists
+	CodeNotMember       Code = "not_member"       // party.ErrNotMember
+	CodeNotOwner        Code = "not_owner"        // party.ErrNotOwner
+	CodeNotShared       Code = "not_shared"       // party.ErrNotShared: no party in common with the target
+	CodeTooManyParties  Code = "too_many_parties" // the node is in the server's maximum of parties
 )
+
+// partyCodes pairs party's errors with their codes.
+var partyCodes = []struct {
+	code Code
+	err  error
+}{
+	{CodeBadPartyName, party.ErrBadName},
+	{CodePartyFull, party.ErrPartyFull},
+	{CodeInviteMalformed, party.ErrInviteMalformed},
+	{CodeInviteForged, party.ErrInviteForged},
+	{CodeInviteExpired, party.ErrInviteExpired},
+	{CodeNoParty, party.ErrNoParty},
+	{CodePartyExists, party.ErrPartyExists},
+	{CodeNotMember, party.ErrNotMember},
+	{CodeNotOwner, party.ErrNotOwner},
+	{CodeNotShared, party.ErrNotShared},
+}
+
+// partyError turns one of party's errors into a protocol error carrying its text; ok is
+// false for other errors.
+func partyError(err error) (*Error, bool) {
+	for _, pc := range partyCodes {
+		if errors.Is(err, pc.err) {
+			return &Error{Code: pc.code, Message: err.Error()}, true
+		}
+	}
+	return nil, false
+}
 
 // Error is a protocol error: a code and a human-readable message. errors.Is matches any
 // two *Errors with the same code, so errors.Is(err, ErrPeerOffline) holds for every
@@ -58,10 +102,19 @@ func (e *Error) Error() string {
 	return "signal: " + string(e.Code) + ": " + e.Message
 }
 
-// Is reports whether target is an *Error with the same code.
+// Is reports whether target is an *Error with the same code, or the error of package
+// party that e's code stands for (so errors.Is(err, party.ErrInviteExpired) holds for an
+// invite_expired answer).
 func (e *Error) Is(target error) bool {
-	t, ok := target.(*Error)
-	return ok && t.Code == e.Code
+	if t, ok := target.(*Error); ok {
+		return t.Code == e.Code
+	}
+	for _, pc := range partyCodes {
+		if pc.code == e.Code {
+			return target == pc.err
+		}
+	}
+	return false
 }
 
 func errorf(code Code, format string, args ...any) *Error {
@@ -100,6 +153,8 @@ var (
 	ErrUnknownSession   = &Error{Code: CodeUnknownSession}
 	ErrTooManySessions  = &Error{Code: CodeTooManySessions}
 	ErrRelayUnavailable = &Error{Code: CodeRelayUnavailable}
+
+	ErrTooManyParties = &Error{Code: CodeTooManyParties}
 )
 
 // ErrClosed is returned by a Client's methods after Close.

@@ -23,6 +23,12 @@ func FuzzServerFrame(f *testing.F) {
 		[]byte(`{"id":5,"turn":{}}`),
 		[]byte(`{"id":6,"relayRegister":{"endpoints":[{"transport":"udp","addr":"1.2.3.4:5"}],"capacity":3,"load":1}}`),
 		[]byte(`{"id":7,"relayList":{}}`),
+		[]byte(`{"id":8,"partyCreate":{"name":"lan"}}`),
+		[]byte(`{"id":9,"partyJoin":{"invite":"plinv1_AAAA"}}`),
+		[]byte(`{"id":10,"partyLeave":{"name":"lan"}}`),
+		[]byte(`{"id":11,"partyKick":{"name":"lan","nodeID":"` + b.NodeID().String() + `"}}`),
+		[]byte(`{"id":12,"partyGet":{"name":"lan"}}`),
+		[]byte(`{"id":13,"partyList":{}}`),
 		[]byte(`{"x":1}`),
 	} {
 		f.Add(s, true)

@@ -56,6 +56,24 @@ type relaysBody struct {
 	Relays []relayreg.Info `json:"relays"`
 }
 
+// partyNameBody is the body of partyCreate, partyLeave and partyGet.
+type partyNameBody struct {
+	Name string `json:"name"`
+}
+
+type partyJoinBody struct {
+	Invite string `json:"invite"`
+}
+
+type partyKickBody struct {
+	Name   string `json:"name"`
+	NodeID string `json:"nodeID"`
+}
+
+type partiesBody struct {
+	Names []string `json:"names"`
+}
+
 // presenceRecord is what the server keeps in the store's Presence bucket.
 type presenceRecord struct {
 	LastSeen int64 `json:"lastSeen"`

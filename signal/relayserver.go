@@ -363,6 +363,10 @@ func (c *conn) relayOpen(f Frame) {
 		c.replyError(f.ID, errorf(CodeRelayUnavailable, "this server does not relay"))
 		return
 	}
+	if e := c.s.checkShared(c.id, peer); e != nil {
+		c.replyError(f.ID, e)
+		return
+	}
 	leg := &relayLeg{peer: peer, tag: b.Tag, state: legOpening, reqID: f.ID}
 	if e := c.newLeg(leg); e != nil {
 		c.replyError(f.ID, e)

@@ -93,6 +93,10 @@ type Config struct {
 	// Host header of their WebSocket request.
 	AuthHost string
 
+	// MaxParties is how many parties one node may be in (create or join); zero means
+	// 32.
+	MaxParties int
+
 	// Relay configures relay sessions between nodes through this server; the zero
 	// value relays with RelayConfig's default limits.
 	Relay RelayConfig
@@ -115,6 +119,7 @@ func (c *Config) setDefaults() {
 	c.WriteTimeout = cmp.Or(c.WriteTimeout, 10*time.Second)
 	c.SendQueue = cmp.Or(c.SendQueue, 64)
 	c.StoreTimeout = cmp.Or(c.StoreTimeout, 5*time.Second)
+	c.MaxParties = cmp.Or(c.MaxParties, 32)
 	c.Relay.setDefaults()
 }
 
@@ -147,7 +152,8 @@ type Server struct {
 	nConns, nAuthed            atomic.Int64
 	nRouted, nErrors, nAbusive atomic.Uint64
 
-	rl serverRelay
+	rl      serverRelay
+	members memberCache
 }
 
 // NewServer returns a server. It loads the TLS certificate now, so a bad one fails here.
@@ -732,6 +738,9 @@ func (c *conn) handle(data []byte) {
 		c.relayAccept(f)
 	case f.Type == TypeRelayClose:
 		c.relayClose(f)
+	case f.Type == TypePartyCreate, f.Type == TypePartyJoin, f.Type == TypePartyLeave,
+		f.Type == TypePartyKick, f.Type == TypePartyGet, f.Type == TypePartyList:
+		c.partyRequest(f)
 	case f.Type == TypeAuth:
 		c.reject(f.ID, errorf(CodeMalformed, "already authenticated"))
 	default:
@@ -784,6 +793,7 @@ func (c *conn) auth(f Frame) {
 	c.detach = detach
 	s.putPresence(id)
 	c.send(c.frame(f.ID, TypeWelcome, welcomeBody{NodeID: id.String(), ServerTime: s.clock.Now().UnixMilli()}))
+	s.touchParties(id)
 	s.log.Debug("authenticated", "remote", c.remote, "node", id.Short())
 }
 
@@ -836,6 +846,10 @@ func (c *conn) route(f Frame) {
 		return
 	}
 	if !c.checkSigned(f, m, !c.s.cfg.SkipSignatureCheck) {
+		return
+	}
+	if err := c.s.checkShared(c.id, m.To); err != nil {
+		c.replyError(f.ID, err)
 		return
 	}
 	frame := AppendFrame(make([]byte, 0, len(f.Body)+len(f.Type)+5), 0, f.Type, f.Body)
@@ -907,6 +921,10 @@ func (c *conn) lookup(f Frame) {
 	id, err := identity.ParseNodeID(l.NodeID)
 	if err != nil {
 		c.reject(f.ID, errorf(CodeMalformed, "lookup: %v", err))
+		return
+	}
+	if err := c.s.checkShared(c.id, id); err != nil {
+		c.replyError(f.ID, err)
 		return
 	}
 	s := c.s

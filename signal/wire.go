@@ -40,6 +40,12 @@ const (
 	TypeTURN          Type = "turn"
 	TypeRelayRegister Type = "relayRegister"
 	TypeRelayList     Type = "relayList"
+	TypePartyCreate   Type = "partyCreate"
+	TypePartyJoin     Type = "partyJoin"
+	TypePartyLeave    Type = "partyLeave"
+	TypePartyKick     Type = "partyKick"
+	TypePartyGet      Type = "partyGet"
+	TypePartyList     Type = "partyList"
 
 	// Server to client.
 	TypeChallenge       Type = "challenge"
@@ -49,6 +55,8 @@ const (
 	TypePeer            Type = "peer"
 	TypeTURNCredentials Type = "turnCredentials"
 	TypeRelays          Type = "relays"
+	TypeParty           Type = "party"
+	TypeParties         Type = "parties"
 )
 
 // Routed reports whether t is a peer-to-peer message the server forwards.

@@ -1,5 +1,5 @@
-// Package store is the state rendezvous servers share — published NAT profiles, presence
-// and the relay registry — and the routing that carries signaling between servers.
+// Package store is the state rendezvous servers share — published NAT profiles, presence,
+// the relay registry and parties — and the routing that carries signaling between servers.
 //
 // Backends: memstore (one process, no setup; the default) and natsstore (JetStream
 // key-value buckets and NATS subjects, so several rendezvous servers act as one).
@@ -23,16 +23,27 @@ const (
 	Presence Bucket = "presence"
 	// Relays holds the relay registry; relays re-register (heartbeat) well within its TTL.
 	Relays Bucket = "relays"
+	// Parties holds each party (package party) as JSON, keyed by the party's name.
+	Parties Bucket = "parties"
+	// Memberships is the index from a node (NodeID text) to the JSON list of the names
+	// of its parties, which the servers read to decide who may reach whom.
+	Memberships Bucket = "memberships"
 )
 
 // Buckets lists every bucket.
-var Buckets = []Bucket{Profiles, Presence, Relays}
+var Buckets = []Bucket{Profiles, Presence, Relays, Parties, Memberships}
 
 // TTLs are the lifetimes of the buckets' values. A zero field takes its default.
 type TTLs struct {
 	Profiles time.Duration // zero: 1 hour; nodes publish again after changes and on reconnect
 	Presence time.Duration // zero: 7 days, how long "last seen" is remembered
 	Relays   time.Duration // zero: 30 s; a relay that stops heartbeating vanishes this long after
+	// Parties and Memberships: zero means 30 days. Every write restarts a value's life:
+	// each change to a party (create, join, leave, kick), and, from the rendezvous
+	// server, each member connecting (its list every time, its parties at most daily).
+	// A party none of whose members connected for that long is forgotten.
+	Parties     time.Duration
+	Memberships time.Duration
 }
 
 // Default TTLs.
@@ -40,6 +51,7 @@ const (
 	DefaultProfileTTL  = time.Hour
 	DefaultPresenceTTL = 7 * 24 * time.Hour
 	DefaultRelayTTL    = 30 * time.Second
+	DefaultPartyTTL    = 30 * 24 * time.Hour
 )
 
 // Of returns the TTL of bucket b, with defaults applied.
@@ -51,6 +63,10 @@ func (t TTLs) Of(b Bucket) time.Duration {
 		return or(t.Presence, DefaultPresenceTTL)
 	case Relays:
 		return or(t.Relays, DefaultRelayTTL)
+	case Parties:
+		return or(t.Parties, DefaultPartyTTL)
+	case Memberships:
+		return or(t.Memberships, DefaultPartyTTL)
 	}
 	return 0
 }
@@ -75,6 +91,9 @@ var (
 	ErrClosed = errors.New("store: closed")
 	// ErrUnknownBucket: a bucket not in Buckets.
 	ErrUnknownBucket = errors.New("store: unknown bucket")
+	// ErrConflict: Update found the key at another revision than the caller read (or,
+	// for revision 0, found it existing). Read again and retry.
+	ErrConflict = errors.New("store: conflicting update")
 )
 
 // RejectedError is a Handler's refusal, carried back to the router. Reason is the
@@ -106,7 +125,7 @@ type Entry struct {
 	Value []byte
 }
 
-// KV is the key-value half of a Store. Keys are NodeID text forms.
+// KV is the key-value half of a Store. Keys are NodeID text forms, or party names.
 type KV interface {
 	Put(ctx context.Context, b Bucket, key string, value []byte) error
 	// Get returns ErrNotFound when there is no live value.
@@ -115,6 +134,14 @@ type KV interface {
 	Delete(ctx context.Context, b Bucket, key string) error
 	// List returns every live entry of b, in no particular order.
 	List(ctx context.Context, b Bucket) ([]Entry, error)
+
+	// GetRev is Get that also returns the value's revision, for Update. Revisions of
+	// one key only grow; they are never 0 for a live value.
+	GetRev(ctx context.Context, b Bucket, key string) (value []byte, rev uint64, err error)
+	// Update is a compare-and-swap Put: it stores value only if key is still at rev, or,
+	// for rev 0, only if key has no live value. Otherwise it returns ErrConflict. Several
+	// rendezvous servers changing one party at once use it so no change is lost.
+	Update(ctx context.Context, b Bucket, key string, value []byte, rev uint64) error
 }
 
 // Handler takes a frame routed to an attached node. It runs on the router's goroutine and

@@ -17,6 +17,7 @@ import (
 	"peerlink/connect"
 	"peerlink/identity"
 	"peerlink/nat"
+	"peerlink/partynet"
 )
 
 func runAgent(ctx context.Context, args []string, stdout, stderr io.Writer) error {
@@ -103,6 +104,9 @@ type agent struct {
 
 	mu     sync.Mutex // serialises output from the connections' goroutines
 	stdout io.Writer
+
+	// party is set for peerlink up: the agent runs the party's virtual LAN.
+	party *partyOpts
 }
 
 // agentEvent is one line of --json output.
@@ -122,6 +126,10 @@ type agentEvent struct {
 	Reason            string       `json:"reason,omitempty"`
 	HTTP              string       `json:"http,omitempty"`
 	Outgoing          bool         `json:"outgoing,omitempty"`
+	Party             string       `json:"party,omitempty"`
+	Interface         string       `json:"interface,omitempty"`
+	IPv4              string       `json:"ipv4,omitempty"`
+	IPv6              string       `json:"ipv6,omitempty"`
 }
 
 // emit prints ev as a JSON line, or text as a line for people.
@@ -237,6 +245,22 @@ func (a *agent) run(ctx context.Context) error {
 				fmt.Sprintf("%s reconnected to %s; profile: %s", stamp(), a.nf.server, prof))
 		}
 	}
+	var dev *partynet.Device
+	var devDone <-chan struct{}
+	var dir sigDirectory
+	if a.party != nil {
+		dir.c.Store(sig)
+		var stopControl io.Closer
+		dev, stopControl, err = a.upParty(ctx, sig, node, &dir, cancel)
+		if err != nil {
+			cancel()
+			return err
+		}
+		defer dev.Close()
+		defer stopControl.Close()
+		devDone = dev.Done()
+		a.state.setParty(dev.Status)
+	}
 	announce(true)
 
 	wg.Go(func() {
@@ -244,6 +268,13 @@ func (a *agent) run(ctx context.Context) error {
 			c, err := node.Accept(sctx)
 			if err != nil {
 				return
+			}
+			if dev != nil {
+				// On a party's LAN the node carries members' WireGuard traffic only.
+				if !dev.Accept(c) {
+					c.Close()
+				}
+				continue
 			}
 			wg.Go(func() { a.handle(sctx, c, false, newProber()) })
 		}
@@ -264,10 +295,14 @@ func (a *agent) run(ctx context.Context) error {
 		})
 	}
 	b := newBackoff(time.Second, 30*time.Second, reconnectJitter, nil)
+	var exitErr error
 serving:
 	for {
 		select {
-		case <-ctx.Done():
+		case <-sctx.Done():
+			break serving // interrupted, or peerlink down
+		case <-devDone:
+			exitErr = dev.Err()
 			break serving
 		case <-sigDone:
 		}
@@ -279,7 +314,7 @@ serving:
 			t := time.NewTimer(wait)
 			select {
 			case <-t.C:
-			case <-ctx.Done():
+			case <-sctx.Done():
 				t.Stop()
 				break serving
 			}
@@ -295,6 +330,7 @@ serving:
 			}
 			sig.Close()
 			sig, sigDone = fresh, fresh.Done()
+			dir.c.Store(fresh)
 			b.reset()
 			announce(false)
 			break
@@ -307,7 +343,7 @@ serving:
 	// The connections say goodbye to their peers before the node and its signaling go.
 	cancel()
 	wg.Wait()
-	return nil
+	return exitErr
 }
 
 // handle serves one connection, accepted or made from the dashboard: it echoes every

@@ -19,6 +19,7 @@ import (
 	"peerlink/connect"
 	"peerlink/identity"
 	"peerlink/nat"
+	"peerlink/partynet"
 	"peerlink/session"
 )
 
@@ -40,6 +41,8 @@ type agentStatus struct {
 	// it made (POST /api/connect).
 	Accepted  int `json:"accepted"`
 	Initiated int `json:"initiated"`
+	// Party is the party's virtual LAN when the agent runs one (peerlink up).
+	Party *partynet.Status `json:"party,omitempty"`
 }
 
 type profileChange struct {
@@ -98,6 +101,7 @@ type agentState struct {
 	accepted *prometheus.CounterVec
 	echoed   prometheus.Counter
 	reg      *prometheus.Registry
+	party    func() partynet.Status // nil without a party
 }
 
 func newAgentState() *agentState {
@@ -238,6 +242,10 @@ func (s *agentState) snapshot() agentStatus {
 		out.Connections = append(out.Connections, v)
 	}
 	sort.Slice(out.Connections, func(i, j int) bool { return out.Connections[i].Since.Before(out.Connections[j].Since) })
+	if s.party != nil {
+		st := s.party()
+		out.Party = &st
+	}
 	return out
 }
 
@@ -405,4 +413,11 @@ func (m peerMetrics) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(descPeerMoves, prometheus.CounterValue, float64(c.Fallbacks), c.Peer, c.Method, "fallback")
 		ch <- prometheus.MustNewConstMetric(descPeerMoves, prometheus.CounterValue, float64(c.Restores), c.Peer, c.Method, "restore")
 	}
+}
+
+// setParty makes the status show the party from status (peerlink up).
+func (s *agentState) setParty(status func() partynet.Status) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.party = status
 }

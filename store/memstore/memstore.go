@@ -26,6 +26,7 @@ type Store struct {
 	mu     sync.RWMutex
 	kv     map[store.Bucket]map[string]item
 	puts   int
+	rev    uint64 // the last revision given to a value
 	routes map[string]*route
 	closed bool
 }
@@ -33,6 +34,7 @@ type Store struct {
 type item struct {
 	value   []byte
 	expires time.Time
+	rev     uint64
 }
 
 // route is one Attach; its pointer identifies the registration for detach.
@@ -77,8 +79,15 @@ func (s *Store) Put(_ context.Context, b store.Bucket, key string, value []byte)
 	if err != nil {
 		return err
 	}
+	s.putLocked(b, m, key, value)
+	return nil
+}
+
+// putLocked puts value under key in m, the map of bucket b. The caller holds s.mu.
+func (s *Store) putLocked(b store.Bucket, m map[string]item, key string, value []byte) {
 	now := s.clock.Now()
-	m[key] = item{value: append([]byte(nil), value...), expires: now.Add(s.ttls.Of(b))}
+	s.rev++
+	m[key] = item{value: append([]byte(nil), value...), expires: now.Add(s.ttls.Of(b)), rev: s.rev}
 	s.puts++
 	if s.puts%sweepEvery == 0 {
 		for _, m := range s.kv {
@@ -89,7 +98,6 @@ func (s *Store) Put(_ context.Context, b store.Bucket, key string, value []byte)
 			}
 		}
 	}
-	return nil
 }
 
 // Get returns the live value under key or store.ErrNotFound.
@@ -105,6 +113,41 @@ func (s *Store) Get(_ context.Context, b store.Bucket, key string) ([]byte, erro
 		return nil, store.ErrNotFound
 	}
 	return append([]byte(nil), it.value...), nil
+}
+
+// GetRev returns the live value under key and its revision, or store.ErrNotFound.
+func (s *Store) GetRev(_ context.Context, b store.Bucket, key string) ([]byte, uint64, error) {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	m, err := s.bucket(b)
+	if err != nil {
+		return nil, 0, err
+	}
+	it, ok := m[key]
+	if !ok || !s.clock.Now().Before(it.expires) {
+		return nil, 0, store.ErrNotFound
+	}
+	return append([]byte(nil), it.value...), it.rev, nil
+}
+
+// Update stores value under key if key is at rev (0: has no live value), else it
+// returns store.ErrConflict.
+func (s *Store) Update(_ context.Context, b store.Bucket, key string, value []byte, rev uint64) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	m, err := s.bucket(b)
+	if err != nil {
+		return err
+	}
+	var cur uint64
+	if it, ok := m[key]; ok && s.clock.Now().Before(it.expires) {
+		cur = it.rev
+	}
+	if cur != rev {
+		return fmt.Errorf("%w: %s/%s is at revision %d, not %d", store.ErrConflict, b, key, cur, rev)
+	}
+	s.putLocked(b, m, key, value)
+	return nil
 }
 
 // Delete removes key.

@@ -1,5 +1,5 @@
 // Package natsstore is the rendezvous store on NATS: JetStream key-value buckets (with
-// TTL) hold profiles, presence and relays, and NATS subjects carry signaling between
+// TTL) hold profiles, presence, relays and parties, and NATS subjects carry signaling between
 // rendezvous servers, so peers attached to different servers can reach each other.
 package natsstore
 
@@ -199,6 +199,45 @@ func (s *Store) Get(ctx context.Context, b store.Bucket, key string) ([]byte, er
 		return nil, fmt.Errorf("natsstore: get %s/%s: %w", b, key, err)
 	}
 	return e.Value(), nil
+}
+
+// GetRev returns the value under key and its revision (the stream sequence of the
+// value), or store.ErrNotFound.
+func (s *Store) GetRev(ctx context.Context, b store.Bucket, key string) ([]byte, uint64, error) {
+	kv, err := s.bucket(b)
+	if err != nil {
+		return nil, 0, err
+	}
+	e, err := kv.Get(ctx, key)
+	if errors.Is(err, jetstream.ErrKeyNotFound) || errors.Is(err, jetstream.ErrKeyDeleted) {
+		return nil, 0, store.ErrNotFound
+	}
+	if err != nil {
+		return nil, 0, fmt.Errorf("natsstore: get %s/%s: %w", b, key, err)
+	}
+	return e.Value(), e.Revision(), nil
+}
+
+// Update stores value under key if key is at rev (JetStream's expected last sequence
+// per subject); rev 0 creates the key, also over a delete marker. A mismatch is
+// store.ErrConflict.
+func (s *Store) Update(ctx context.Context, b store.Bucket, key string, value []byte, rev uint64) error {
+	kv, err := s.bucket(b)
+	if err != nil {
+		return err
+	}
+	if rev == 0 {
+		_, err = kv.Create(ctx, key, value)
+	} else {
+		_, err = kv.Update(ctx, key, value, rev)
+	}
+	switch {
+	case err == nil:
+		return nil
+	case errors.Is(err, jetstream.ErrKeyExists), errors.Is(err, jetstream.ErrKeyRevisionMismatch):
+		return fmt.Errorf("%w: %s/%s changed since revision %d", store.ErrConflict, b, key, rev)
+	}
+	return fmt.Errorf("natsstore: update %s/%s: %w", b, key, err)
 }
 
 // Delete removes key.

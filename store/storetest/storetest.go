@@ -4,9 +4,11 @@ package storetest
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"slices"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -28,6 +30,8 @@ func Run(t *testing.T, newStore Factory) {
 	t.Run("TTL", func(t *testing.T) { testTTL(t, newStore) })
 	t.Run("Route", func(t *testing.T) { testRoute(t, newStore) })
 	t.Run("Close", func(t *testing.T) { testClose(t, newStore) })
+	t.Run("Update", func(t *testing.T) { testUpdate(t, newStore) })
+	t.Run("ConcurrentUpdate", func(t *testing.T) { testConcurrentUpdate(t, newStore) })
 }
 
 func ctx(t *testing.T) context.Context {
@@ -243,4 +247,144 @@ func eventually(t *testing.T, f func() error) {
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
+}
+
+func testUpdate(t *testing.T, newStore Factory) {
+	a, b := newStore(t)
+	defer a.Close()
+	defer b.Close()
+	c := ctx(t)
+	if _, _, err := a.GetRev(c, store.Parties, "p"); !errors.Is(err, store.ErrNotFound) {
+		t.Fatalf("GetRev missing = %v, want ErrNotFound", err)
+	}
+	if err := a.Update(c, store.Parties, "p", []byte("v1"), 7); !errors.Is(err, store.ErrConflict) {
+		t.Fatalf("Update of a missing key at revision 7 = %v, want ErrConflict", err)
+	}
+	if err := a.Update(c, store.Parties, "p", []byte("v1"), 0); err != nil {
+		t.Fatalf("create with revision 0 = %v", err)
+	}
+	if err := b.Update(c, store.Parties, "p", []byte("again"), 0); !errors.Is(err, store.ErrConflict) {
+		t.Fatalf("second create = %v, want ErrConflict", err)
+	}
+	v, rev1, err := b.GetRev(c, store.Parties, "p")
+	if err != nil || string(v) != "v1" || rev1 == 0 {
+		t.Fatalf("GetRev = %q, %d, %v", v, rev1, err)
+	}
+	if err := b.Update(c, store.Parties, "p", []byte("v2"), rev1); err != nil {
+		t.Fatalf("Update at the current revision = %v", err)
+	}
+	// The first reader's revision is stale now: its write must not win.
+	if err := a.Update(c, store.Parties, "p", []byte("lost"), rev1); !errors.Is(err, store.ErrConflict) {
+		t.Fatalf("Update at a stale revision = %v, want ErrConflict", err)
+	}
+	v, rev2, err := a.GetRev(c, store.Parties, "p")
+	if err != nil || string(v) != "v2" || rev2 <= rev1 {
+		t.Fatalf("after update GetRev = %q, %d, %v (first revision %d)", v, rev2, err, rev1)
+	}
+	// Get and Put see what Update wrote, and a Put moves the revision on.
+	if v, err := a.Get(c, store.Parties, "p"); err != nil || string(v) != "v2" {
+		t.Fatalf("Get after Update = %q, %v", v, err)
+	}
+	if err := a.Put(c, store.Parties, "p", []byte("v3")); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.Update(c, store.Parties, "p", []byte("lost"), rev2); !errors.Is(err, store.ErrConflict) {
+		t.Fatalf("Update after a Put = %v, want ErrConflict", err)
+	}
+	// A deleted key can be created again, and an old revision does not revive it.
+	if err := a.Delete(c, store.Parties, "p"); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := b.GetRev(c, store.Parties, "p"); !errors.Is(err, store.ErrNotFound) {
+		t.Fatalf("GetRev after Delete = %v", err)
+	}
+	if err := a.Update(c, store.Parties, "p", []byte("lost"), rev2); !errors.Is(err, store.ErrConflict) {
+		t.Fatalf("Update of a deleted key = %v, want ErrConflict", err)
+	}
+	if err := b.Update(c, store.Parties, "p", []byte("new"), 0); err != nil {
+		t.Fatalf("create after Delete = %v", err)
+	}
+	// Party names are keys: every character they may hold works.
+	const name = "0lan-party.2026_x.y"
+	if err := a.Update(c, store.Parties, name, []byte("x"), 0); err != nil {
+		t.Fatalf("create %q = %v", name, err)
+	}
+	if v, _, err := b.GetRev(c, store.Parties, name); err != nil || string(v) != "x" {
+		t.Fatalf("GetRev %q = %q, %v", name, v, err)
+	}
+	if err := a.Update(c, "nope", "k", nil, 0); !errors.Is(err, store.ErrUnknownBucket) {
+		t.Fatalf("Update in unknown bucket = %v", err)
+	}
+	if _, _, err := a.GetRev(c, "nope", "k"); !errors.Is(err, store.ErrUnknownBucket) {
+		t.Fatalf("GetRev in unknown bucket = %v", err)
+	}
+}
+
+// testConcurrentUpdate: updaters on both handles add themselves to one list with
+// read-modify-Update loops; every one of them must be in the list at the end.
+func testConcurrentUpdate(t *testing.T, newStore Factory) {
+	a, b := newStore(t)
+	defer a.Close()
+	defer b.Close()
+	c := ctx(t)
+	const n = 16
+	var wg sync.WaitGroup
+	var conflicts atomic.Int64
+	errs := make(chan error, n)
+	for i := range n {
+		s := a
+		if i%2 == 1 {
+			s = b
+		}
+		wg.Go(func() {
+			for {
+				v, rev, err := s.GetRev(c, store.Memberships, "list")
+				var list []int
+				switch {
+				case errors.Is(err, store.ErrNotFound):
+				case err != nil:
+					errs <- err
+					return
+				default:
+					if err := json.Unmarshal(v, &list); err != nil {
+						errs <- err
+						return
+					}
+				}
+				list = append(list, i)
+				nv, _ := json.Marshal(list)
+				err = s.Update(c, store.Memberships, "list", nv, rev)
+				if err == nil {
+					return
+				}
+				if !errors.Is(err, store.ErrConflict) {
+					errs <- err
+					return
+				}
+				conflicts.Add(1)
+			}
+		})
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Fatal(err)
+	}
+	v, err := a.Get(c, store.Memberships, "list")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var list []int
+	if err := json.Unmarshal(v, &list); err != nil {
+		t.Fatal(err)
+	}
+	slices.Sort(list)
+	want := make([]int, n)
+	for i := range want {
+		want[i] = i
+	}
+	if !slices.Equal(list, want) {
+		t.Fatalf("after %d concurrent updaters (%d conflicts retried) the list is %v", n, conflicts.Load(), list)
+	}
+	t.Logf("%d updaters, %d conflicts retried", n, conflicts.Load())
 }

@@ -32,6 +32,7 @@ function render(st) {
   for (const c of st.profile_changes) {
     changes.append(el("li", `${new Date(c.time).toLocaleTimeString()}: ${c.from} → ${c.to}`));
   }
+  renderParty(st.party);
   fill(document.getElementById("peers"), st.connections.map((c) => {
     const peer = td(c.peer.slice(0, 16) + "…", "mono");
     peer.title = c.peer;
@@ -51,6 +52,33 @@ function render(st) {
       td(ago(c.since)),
     ];
   }), 11, "no connections");
+}
+
+// renderParty shows the party's virtual LAN when the agent runs one (peerlink up).
+function renderParty(p) {
+  const card = document.getElementById("party-card");
+  card.hidden = !p;
+  if (!p) return;
+  set("party-name", p.party);
+  set("party-summary", `interface ${p.interface} · ${p.prefix4} · ${p.prefix6} · broadcasts sent ${p.broadcastsSent}, received ${p.broadcastsReceived}`);
+  fill(document.getElementById("party-members"), p.members.map((m) => {
+    const node = td(m.nodeID.slice(0, 16) + "…", "mono");
+    node.title = m.nodeID;
+    let method = m.self ? td("this node", "muted") : !m.online ? td("offline", "muted") : !m.connected ? td("connecting…", "muted") : td(methodBadge(m.method));
+    return [
+      node, td(m.ipv4, "mono"), td(m.ipv6, "mono"), method,
+      m.latencyMs ? num(m.latencyMs, 1, " ms") : td("—", "num muted"),
+      td(bytes(m.rxBytes), "num"), td(bytes(m.txBytes), "num"),
+    ];
+  }), 7, "no members");
+}
+
+function bytes(n) {
+  if (!n) return "0 B";
+  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+  let i = 0;
+  while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
+  return (i === 0 ? n.toFixed(0) : n.toFixed(1)) + " " + units[i];
 }
 
 document.addEventListener("DOMContentLoaded", () => {
