@@ -52,6 +52,7 @@ type Mux struct {
 
 	data *dataConn
 	done chan struct{}
+	off  *offload // nil unless conn is a real UDP socket with offloads
 }
 
 type response struct {
@@ -70,6 +71,7 @@ func New(conn net.PacketConn, cfg Config) *Mux {
 		done:    make(chan struct{}),
 	}
 	m.data = newDataConn(m)
+	m.off = newOffload(conn)
 	go m.readLoop()
 	return m
 }
@@ -81,6 +83,20 @@ func (m *Mux) LocalAddr() netip.AddrPort { return m.local }
 func (m *Mux) WriteTo(b []byte, to netip.AddrPort) error {
 	_, err := m.conn.WriteTo(b, net.UDPAddrFromAddrPort(to))
 	return err
+}
+
+// WriteBatch sends datagrams to one address, in as few system calls as the socket
+// allows (segmentation offload on Linux), else one by one.
+func (m *Mux) WriteBatch(bufs [][]byte, to netip.AddrPort) error {
+	if done, err := m.off.writeBatch(bufs, to); done {
+		return err
+	}
+	for _, b := range bufs {
+		if err := m.WriteTo(b, to); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // Data is the socket's non-STUN traffic as a net.PacketConn: what peers' data packets
@@ -160,8 +176,23 @@ func (m *Mux) readLoop() {
 	defer close(m.done)
 	defer m.data.closeQueue()
 	buf := make([]byte, 64<<10)
+	var oob []byte
+	if m.off != nil && m.off.gro {
+		oob = make([]byte, 64)
+	}
 	for {
-		n, from, err := m.conn.ReadFrom(buf)
+		var n, seg int
+		var from netip.AddrPort
+		var err error
+		if oob != nil {
+			n, seg, from, err = m.off.read(buf, oob)
+		} else {
+			var a net.Addr
+			n, a, err = m.conn.ReadFrom(buf)
+			if err == nil {
+				from = addrPortOf(a)
+			}
+		}
 		if err != nil {
 			if errors.Is(err, net.ErrClosed) {
 				return
@@ -175,7 +206,14 @@ func (m *Mux) readLoop() {
 			}
 			return
 		}
-		m.dispatch(buf[:n], addrPortOf(from))
+		from = netip.AddrPortFrom(from.Addr().Unmap(), from.Port())
+		if seg <= 0 || seg >= n {
+			m.dispatch(buf[:n], from)
+			continue
+		}
+		for off := 0; off < n; off += seg {
+			m.dispatch(buf[off:min(off+seg, n)], from)
+		}
 	}
 }
 

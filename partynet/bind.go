@@ -201,12 +201,20 @@ func (b *bind) Send(bufs [][]byte, ep conn.Endpoint) error {
 	if s == nil {
 		return ErrNoConn
 	}
+	if bs, ok := s.(batchSender); ok {
+		return bs.SendBatch(bufs)
+	}
 	for _, p := range bufs {
 		if err := s.Send(p); err != nil {
 			return err
 		}
 	}
 	return nil
+}
+
+// batchSender is a Sender that sends runs of datagrams at once (connect.Conn).
+type batchSender interface {
+	SendBatch(bufs [][]byte) error
 }
 
 // ParseEndpoint implements conn.Bind: an endpoint is a member's NodeID.

@@ -897,6 +897,10 @@ func (c *watchConn) expect(dst netip.AddrPort) <-chan struct{} {
 	return ch
 }
 
+// Unwrap returns the socket, for the mux's batched sends and offloaded reads: they
+// come after punching, when nothing waits for a first packet any more.
+func (c *watchConn) Unwrap() net.PacketConn { return c.PacketConn }
+
 func (c *watchConn) WriteTo(b []byte, addr net.Addr) (int, error) {
 	n, err := c.PacketConn.WriteTo(b, addr)
 	if ua, ok := addr.(*net.UDPAddr); ok {

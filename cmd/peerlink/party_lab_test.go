@@ -377,6 +377,9 @@ func (m *partyMember) start(t *testing.T, ctx context.Context, args []string) {
 	t.Helper()
 	m.cmd = m.host.Command(ctx, binary, args...)
 	m.cmd.Env = cleanEnv()
+	if dir := os.Getenv("PEERLINK_ARTIFACTS"); dir != "" {
+		m.cmd.Env = append(m.cmd.Env, "PEERLINK_CPUPROFILE="+filepath.Join(dir, "up-"+m.name+".pprof"))
+	}
 	m.stderr = &lockedBuffer{}
 	m.cmd.Stderr = m.stderr
 	m.cmd.Cancel = func() error { return m.cmd.Process.Signal(syscall.SIGTERM) }
