@@ -298,6 +298,42 @@ func TestPartyKernelLab(t *testing.T) {
 		}
 	})
 
+	t.Run("kick", func(t *testing.T) {
+		// The owner kicks b: b's interface goes down with a clear reason, and the
+		// others drop it from their WireGuard and their status.
+		if _, err := run(b.host, "party", "kick", "lan", nodeIDOf(t, a.key), "--identity", b.key, "--server", server); err == nil || !strings.Contains(err.Error(), "owner") {
+			t.Errorf("a non-owner's kick: %v, want a refusal naming the owner", err)
+		}
+		if _, err := run(a.host, "party", "kick", "lan", nodeIDOf(t, b.key), "--identity", a.key, "--server", server); err != nil {
+			t.Fatal(err)
+		}
+		select {
+		case err := <-b.exited:
+			if err == nil || !strings.Contains(b.stderr.String(), "not a member") {
+				t.Errorf("kicked member's peerlink up ended with %v: %s", err, b.stderr)
+			}
+		case <-time.After(20 * time.Second):
+			t.Fatal("the kicked member's peerlink up still runs")
+		}
+		deadline := time.Now().Add(20 * time.Second)
+		for {
+			out, err := run(a.host, "status", "--json", "--control", a.control)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !strings.Contains(out, b.ipv4.String()+`"`) {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("a still lists the kicked member: %s", out)
+			}
+			time.Sleep(500 * time.Millisecond)
+		}
+		if _, err := a.host.Run(ctx, "ping", "-c", "1", "-W", "1", b.ipv4.String()); err == nil {
+			t.Error("the kicked member still answers on the party LAN")
+		}
+	})
+
 	t.Run("down", func(t *testing.T) {
 		if _, err := run(c.host, "down", "--control", c.control); err != nil {
 			t.Fatal(err)
