@@ -277,7 +277,9 @@ func (d *dataConn) enqueue(b []byte, from netip.AddrPort) {
 	if d.closed || len(d.queue) >= DataQueue {
 		return
 	}
-	d.queue = append(d.queue, response{msg: append([]byte(nil), b...), from: from})
+	msg := make([]byte, len(b)) // make and copy: no zeroing first
+	copy(msg, b)
+	d.queue = append(d.queue, response{msg: msg, from: from})
 	close(d.wake)
 	d.wake = make(chan struct{})
 }
