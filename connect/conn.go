@@ -575,7 +575,7 @@ func (c *Conn) punch(ctx context.Context, setup punch.Setup, hosts, reflexive []
 	}
 	c.mu.Unlock()
 	if res.Local != c.n.main {
-		c.n.serveMux(res.Local)
+		c.n.wg.Go(func() { c.n.dataLoop(res.Local.Data(), nil) })
 	}
 	select {
 	case <-c.done:

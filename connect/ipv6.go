@@ -63,7 +63,7 @@ func (n *Node) startIPv6(ctx context.Context, ips []netip.Addr) {
 	for _, ip := range v6 {
 		n.hosts = append(n.hosts, netip.AddrPortFrom(ip, port))
 	}
-	n.serveMux(n.v6)
+	n.wg.Go(func() { n.dataLoop(n.v6.Data(), nil) })
 	n.log.Debug("connect: IPv6 socket up", "port", port, "addresses", v6)
 }
 

@@ -293,7 +293,7 @@ func Start(ctx context.Context, cfg Config) (*Node, error) {
 		n.wg.Go(func() { n.signalLoop(sc) })
 		n.wg.Go(func() { n.acceptRelays(sc) })
 	}
-	n.serveMux(n.main)
+	n.wg.Go(func() { n.dataLoop(n.main.Data(), nil) })
 	if cfg.WatchNetwork {
 		m, err := netmon.New(netmon.Config{Logger: cfg.Logger})
 		if err != nil {
@@ -647,8 +647,9 @@ func (n *Node) signalLoop(sc *signal.Client) {
 	}
 }
 
-// dataLoop reads the relay's data path and hands each packet to its connection. via
-// is the relay. (The node's own sockets are served by serveMux.)
+// dataLoop reads a socket's data path (the main socket's, an extra punched socket's or
+// the relay's) and hands each packet to its connection. via is the relay when the
+// packets came through it.
 func (n *Node) dataLoop(pc net.PacketConn, via *relay.Conn) {
 	buf := make([]byte, 64<<10)
 	for {
@@ -664,37 +665,23 @@ func (n *Node) dataLoop(pc net.PacketConn, via *relay.Conn) {
 			n.log.Debug("connect: data read ended", "err", err)
 			return
 		}
-		n.frame(buf[:k], addrPortOf(from), pc, via)
-	}
-}
-
-// serveMux hands the data packets of one of the node's sockets to their connections
-// on the socket's read loop (mux.HandleData), saving the copy and the hand-off of a
-// loop of its own.
-func (n *Node) serveMux(m *mux.Mux) {
-	pc := m.Data()
-	m.HandleData(func(b []byte, from netip.AddrPort) { n.frame(b, from, pc, nil) })
-}
-
-// frame hands one packet from pc (through the relay when via is set) to its
-// connection. b is not kept.
-func (n *Node) frame(b []byte, from netip.AddrPort, pc net.PacketConn, via *relay.Conn) {
-	id, kind, payload, ok := parseFrame(b)
-	if !ok {
-		return
-	}
-	if id == 0 {
-		// Connection ID zero: LAN handshakes, which come before any connection.
-		if n.lan != nil && via == nil {
-			n.lanFrame(kind, payload, from, pc)
+		id, kind, payload, ok := parseFrame(buf[:k])
+		if !ok {
+			continue
 		}
-		return
-	}
-	n.mu.Lock()
-	c := n.conns[id]
-	n.mu.Unlock()
-	if c != nil {
-		c.receive(kind, payload, from, pc, via)
+		if id == 0 {
+			// Connection ID zero: LAN handshakes, which come before any connection.
+			if n.lan != nil && via == nil {
+				n.lanFrame(kind, payload, addrPortOf(from), pc)
+			}
+			continue
+		}
+		n.mu.Lock()
+		c := n.conns[id]
+		n.mu.Unlock()
+		if c != nil {
+			c.receive(kind, payload, addrPortOf(from), pc, via)
+		}
 	}
 }
 

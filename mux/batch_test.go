@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"fmt"
 	"net"
-	"net/netip"
 	"runtime"
 	"testing"
 	"time"
@@ -87,48 +86,5 @@ func TestWriteBatch(t *testing.T) {
 				}
 			}
 		})
-	}
-}
-
-// TestHandleData: a handler takes the packets that were queued before it was set, then
-// the ones that arrive, in order; STUN still goes to transactions, not to the handler.
-func TestHandleData(t *testing.T) {
-	a, b := listen(t, Config{}), listen(t, Config{})
-	send := func(s string) {
-		if err := a.WriteTo([]byte(s), b.LocalAddr()); err != nil {
-			t.Fatal(err)
-		}
-	}
-	send("queued")
-	deadline := time.Now().Add(5 * time.Second)
-	for {
-		b.data.mu.Lock()
-		n := len(b.data.queue)
-		b.data.mu.Unlock()
-		if n == 1 {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("the first packet never reached the queue")
-		}
-		time.Sleep(time.Millisecond)
-	}
-	got := make(chan string, 4)
-	b.HandleData(func(p []byte, from netip.AddrPort) {
-		if from != a.LocalAddr() {
-			t.Errorf("from %v, want %v", from, a.LocalAddr())
-		}
-		got <- string(p)
-	})
-	send("live")
-	for _, want := range []string{"queued", "live"} {
-		select {
-		case s := <-got:
-			if s != want {
-				t.Fatalf("handler got %q, want %q", s, want)
-			}
-		case <-time.After(5 * time.Second):
-			t.Fatalf("handler never got %q", want)
-		}
 	}
 }

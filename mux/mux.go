@@ -13,7 +13,6 @@ import (
 	"net/netip"
 	"os"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"peerlink/clock"
@@ -51,10 +50,9 @@ type Mux struct {
 	pending map[stun.TransactionID]chan response
 	closed  bool
 
-	data    *dataConn
-	handler atomic.Pointer[func(b []byte, from netip.AddrPort)] // HandleData's
-	done    chan struct{}
-	off     *offload // nil unless conn is a real UDP socket with offloads
+	data *dataConn
+	done chan struct{}
+	off  *offload // nil unless conn is a real UDP socket with offloads
 }
 
 type response struct {
@@ -99,22 +97,6 @@ func (m *Mux) WriteBatch(bufs [][]byte, to netip.AddrPort) error {
 		}
 	}
 	return nil
-}
-
-// HandleData makes h take the socket's data packets, on the read loop, instead of
-// Data's queue: one copy and one hand-off between goroutines fewer per packet, which
-// bulk traffic feels. h must not block and must not keep b after it returns. Packets
-// already queued are handed to h first; Data's ReadFrom gets nothing from now on.
-func (m *Mux) HandleData(h func(b []byte, from netip.AddrPort)) {
-	m.handler.Store(&h)
-	d := m.data
-	d.mu.Lock()
-	queued := d.queue
-	d.queue = nil
-	d.mu.Unlock()
-	for _, r := range queued {
-		h(r.msg, r.from)
-	}
 }
 
 // Data is the socket's non-STUN traffic as a net.PacketConn: what peers' data packets
@@ -237,10 +219,6 @@ func (m *Mux) readLoop() {
 
 func (m *Mux) dispatch(b []byte, from netip.AddrPort) {
 	if !stun.IsMessage(b) {
-		if h := m.handler.Load(); h != nil {
-			(*h)(b, from)
-			return
-		}
 		m.data.enqueue(b, from)
 		return
 	}
