@@ -266,8 +266,14 @@ func (c *Conn) SendBatch(bufs [][]byte) error {
 // batchBufs hold SendBatch's frames; WriteBatch is done with them when it returns.
 var batchBufs = sync.Pool{New: func() any { b := make([]byte, 0, 128<<10); return &b }}
 
-// Recv returns the next datagram from the peer.
+// Recv returns the next datagram from the peer. Once the connection is closed it
+// returns the error, even when datagrams are still queued.
 func (c *Conn) Recv(ctx context.Context) ([]byte, error) {
+	select {
+	case <-c.done:
+		return nil, c.err
+	default:
+	}
 	select {
 	case b := <-c.in:
 		return b, nil
