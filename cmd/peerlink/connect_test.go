@@ -264,7 +264,12 @@ func TestConnectToAgent(t *testing.T) {
 			wg.Go(func() {
 				stdout, stderr, code := runEnv(t, nil, "connect", "--json", "--identity", key, "--server", server, "--stun", stunAddr, agent.node)
 				var out connectJSON
-				if code != 0 || json.Unmarshal([]byte(stdout), &out) != nil || out.Method != "direct" {
+				// A direct path, made by dialling or by punching: with three connects
+				// and their NAT profiling at once on a loaded machine, the agent's
+				// filtering is now and then profiled restricted (a CHANGE-REQUEST
+				// answer came late), and both sides then punch (over IPv6 too) rather
+				// than dial. The single connect above asserts "direct".
+				if code != 0 || json.Unmarshal([]byte(stdout), &out) != nil || (out.Method != "direct" && out.Method != "punched") {
 					errs <- fmt.Errorf("connect %d: exit %d, %s\n%s", i, code, stdout, stderr)
 				}
 			})
