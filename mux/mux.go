@@ -206,7 +206,6 @@ func (m *Mux) readLoop() {
 			}
 			return
 		}
-		from = netip.AddrPortFrom(from.Addr().Unmap(), from.Port())
 		if seg <= 0 || seg >= n {
 			m.dispatch(buf[:n], from)
 			continue

@@ -145,6 +145,7 @@ func (o *offload) writeSegmented(b []byte, seg int, to netip.AddrPort) error {
 // for a single datagram).
 func (o *offload) read(buf, oob []byte) (n, seg int, from netip.AddrPort, err error) {
 	n, oobn, _, from, err := o.uc.ReadMsgUDPAddrPort(buf, oob)
+	from = netip.AddrPortFrom(from.Addr().Unmap(), from.Port())
 	if err != nil || oobn == 0 {
 		return n, 0, from, err
 	}

@@ -1,7 +1,6 @@
 package partynet
 
 import (
-	"context"
 	"errors"
 	"net"
 	"net/netip"
@@ -48,9 +47,11 @@ func (e *endpoint) DstIP() netip.Addr {
 }
 func (e *endpoint) SrcIP() netip.Addr { return netip.Addr{} }
 
-// Sender is the part of a peerlink connection the bind writes to.
-type Sender interface {
+// datagramSender is the part of a peerlink connection (connect.Conn) the bind writes
+// to: WireGuard's runs of packets go as batches, the device's probes one by one.
+type datagramSender interface {
 	Send(b []byte) error
+	SendBatch(bufs [][]byte) error
 }
 
 type datagram struct {
@@ -64,7 +65,7 @@ type datagram struct {
 type bind struct {
 	mu    sync.Mutex
 	eps   map[identity.NodeID]*endpoint
-	conns map[identity.NodeID]Sender
+	conns map[identity.NodeID]datagramSender
 	gen   chan struct{} // closed by Close; replaced by Open
 
 	in      chan datagram
@@ -82,7 +83,7 @@ func newBind() *bind {
 	close(closed)
 	return &bind{
 		eps:   make(map[identity.NodeID]*endpoint),
-		conns: make(map[identity.NodeID]Sender),
+		conns: make(map[identity.NodeID]datagramSender),
 		gen:   closed,
 		in:    make(chan datagram, inQueue),
 	}
@@ -100,14 +101,14 @@ func (b *bind) endpointFor(id identity.NodeID) *endpoint {
 }
 
 // attach makes s the way to id; a later attach replaces it.
-func (b *bind) attach(id identity.NodeID, s Sender) {
+func (b *bind) attach(id identity.NodeID, s datagramSender) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	b.conns[id] = s
 }
 
 // detach forgets s as the way to id, unless it was replaced already.
-func (b *bind) detach(id identity.NodeID, s Sender) {
+func (b *bind) detach(id identity.NodeID, s datagramSender) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	if b.conns[id] == s {
@@ -115,7 +116,7 @@ func (b *bind) detach(id identity.NodeID, s Sender) {
 	}
 }
 
-func (b *bind) sender(id identity.NodeID) Sender {
+func (b *bind) sender(id identity.NodeID) datagramSender {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	return b.conns[id]
@@ -201,20 +202,7 @@ func (b *bind) Send(bufs [][]byte, ep conn.Endpoint) error {
 	if s == nil {
 		return ErrNoConn
 	}
-	if bs, ok := s.(batchSender); ok {
-		return bs.SendBatch(bufs)
-	}
-	for _, p := range bufs {
-		if err := s.Send(p); err != nil {
-			return err
-		}
-	}
-	return nil
-}
-
-// batchSender is a Sender that sends runs of datagrams at once (connect.Conn).
-type batchSender interface {
-	SendBatch(bufs [][]byte) error
+	return s.SendBatch(bufs)
 }
 
 // ParseEndpoint implements conn.Bind: an endpoint is a member's NodeID.
@@ -228,10 +216,5 @@ func (b *bind) ParseEndpoint(s string) (conn.Endpoint, error) {
 
 // BatchSize is how many datagrams one receive call may return.
 func (b *bind) BatchSize() int { return 64 }
-
-// Receiver is the part of a peerlink connection the device reads from.
-type Receiver interface {
-	Recv(ctx context.Context) ([]byte, error)
-}
 
 var _ conn.Bind = (*bind)(nil)

@@ -16,6 +16,13 @@ type recordSender struct {
 	sent [][]byte
 }
 
+func (r *recordSender) SendBatch(bufs [][]byte) error {
+	for _, b := range bufs {
+		r.Send(b)
+	}
+	return nil
+}
+
 func (r *recordSender) Send(b []byte) error {
 	r.mu.Lock()
 	defer r.mu.Unlock()

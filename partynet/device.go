@@ -111,7 +111,6 @@ type Device struct {
 	wgPub  string
 	ctx    context.Context
 	cancel context.CancelFunc
-	poke   chan struct{}
 	done   chan struct{}
 	group  sync.WaitGroup
 
@@ -181,7 +180,6 @@ func Up(ctx context.Context, cfg Config) (*Device, error) {
 		name:    name,
 		bind:    newBind(),
 		wgPub:   hex.EncodeToString(pub),
-		poke:    make(chan struct{}, 1),
 		done:    make(chan struct{}),
 		party:   p,
 		me:      me,
@@ -234,12 +232,6 @@ func isPermission(err error) bool {
 	return strings.Contains(s, "permission denied") || strings.Contains(s, "operation not permitted") || strings.Contains(s, "no such file")
 }
 
-// Name returns the TUN interface's name.
-func (d *Device) Name() string { return d.name }
-
-// WGPublicKey returns the device's WireGuard public key (hex).
-func (d *Device) WGPublicKey() string { return d.wgPub }
-
 // Done is closed when the device stops: after Close, or when the node left the party.
 func (d *Device) Done() <-chan struct{} { return d.done }
 
@@ -280,14 +272,6 @@ func (d *Device) stop(why error) {
 	close(d.done)
 }
 
-// Refresh has the device fetch the member list now rather than at the next poll.
-func (d *Device) Refresh() {
-	select {
-	case d.poke <- struct{}{}:
-	default:
-	}
-}
-
 // run polls the member list, dials the members this node dials, and probes
 // latency, until the device stops.
 func (d *Device) run() {
@@ -300,8 +284,6 @@ func (d *Device) run() {
 		case <-d.ctx.Done():
 			return
 		case <-poll.C:
-			d.fetch()
-		case <-d.poke:
 			d.fetch()
 		case <-probe.C:
 			d.sendProbes()
@@ -317,7 +299,7 @@ func (d *Device) fetch() {
 	if err != nil {
 		if errors.Is(err, party.ErrNotMember) || errors.Is(err, party.ErrNoParty) {
 			d.log.Warn("no longer a member of the party; taking the interface down", "err", err)
-			go d.stop(fmt.Errorf("%w %q: %v", ErrNotMember, d.cfg.Party, err))
+			d.stop(fmt.Errorf("%w %q: %v", ErrNotMember, d.cfg.Party, err))
 			return
 		}
 		d.log.Debug("fetching the member list", "err", err)
@@ -405,9 +387,7 @@ func (d *Device) dialDue() {
 }
 
 func (d *Device) dial(id identity.NodeID) {
-	ctx, cancel := context.WithCancel(d.ctx)
-	defer cancel()
-	c, err := d.cfg.Node.Connect(ctx, id, d.cfg.Connect)
+	c, err := d.cfg.Node.Connect(d.ctx, id, d.cfg.Connect)
 	d.mu.Lock()
 	m := d.members[id]
 	if m != nil {

@@ -8,6 +8,7 @@ import (
 	"strings"
 	"time"
 
+	"peerlink/connect"
 	"peerlink/identity"
 )
 
@@ -21,7 +22,7 @@ func (d *Device) sendProbes() {
 	p[0] = probePing
 	binary.BigEndian.PutUint64(p[1:], uint64(time.Now().UnixNano()))
 	d.mu.Lock()
-	var conns []Sender
+	var conns []*connect.Conn
 	for _, m := range d.members {
 		if m.conn != nil {
 			conns = append(conns, m.conn)

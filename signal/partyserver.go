@@ -335,128 +335,127 @@ func partyBody[T any](c *conn, f Frame) (T, bool) {
 func (c *conn) partyRequest(f Frame) {
 	ctx, cancel := c.storeCtx()
 	defer cancel()
-	s := c.s
+	var p *party.Party // the answer to create, join and get; the others answer ok
+	var err error
 	switch f.Type {
 	case TypePartyCreate:
 		b, ok := partyBody[partyNameBody](c, f)
 		if !ok {
 			return
 		}
-		p, err := c.createParty(ctx, b.Name)
-		if err != nil {
-			c.partyFail(f.ID, err)
-			return
-		}
-		c.sendParty(ctx, f.ID, p)
+		p, err = c.createParty(ctx, b.Name)
 
 	case TypePartyJoin:
 		b, ok := partyBody[partyJoinBody](c, f)
 		if !ok {
 			return
 		}
-		p, err := c.joinParty(ctx, b.Invite)
-		if err != nil {
-			c.partyFail(f.ID, err)
-			return
-		}
-		c.sendParty(ctx, f.ID, p)
+		p, err = c.joinParty(ctx, b.Invite)
 
 	case TypePartyLeave:
 		b, ok := partyBody[partyNameBody](c, f)
 		if !ok {
 			return
 		}
-		if err := party.ValidName(b.Name); err != nil {
-			c.partyFail(f.ID, err)
-			return
-		}
-		_, err := s.changeParty(ctx, b.Name, func(p *party.Party) (bool, error) {
-			if !p.Remove(c.id) {
-				return false, fmt.Errorf("%w: you are not a member of party %s", party.ErrNotMember, b.Name)
-			}
-			return true, nil
-		})
-		// The index follows the party, and also loses names of parties that are gone.
-		if err == nil || errors.Is(err, party.ErrNoParty) || errors.Is(err, party.ErrNotMember) {
-			if ierr := s.removeMembership(ctx, c.id, b.Name); ierr != nil && err == nil {
-				err = ierr
-			}
-		}
-		if err != nil {
-			c.partyFail(f.ID, err)
-			return
-		}
-		c.send(AppendFrame(nil, f.ID, TypeOK, []byte("{}")))
+		err = c.leaveParty(ctx, b.Name)
 
 	case TypePartyKick:
 		b, ok := partyBody[partyKickBody](c, f)
 		if !ok {
 			return
 		}
-		node, err := identity.ParseNodeID(b.NodeID)
-		if err != nil {
-			c.reject(f.ID, errorf(CodeMalformed, "%s: %v", f.Type, err))
+		node, perr := identity.ParseNodeID(b.NodeID)
+		if perr != nil {
+			c.reject(f.ID, errorf(CodeMalformed, "%s: %v", f.Type, perr))
 			return
 		}
-		if err := party.ValidName(b.Name); err != nil {
-			c.partyFail(f.ID, err)
-			return
-		}
-		if node == c.id {
-			c.reject(f.ID, errorf(CodeInvalid, "the owner cannot kick itself: leave the party instead"))
-			return
-		}
-		_, err = s.changeParty(ctx, b.Name, func(p *party.Party) (bool, error) {
-			if _, ok := p.Member(c.id); !ok {
-				return false, fmt.Errorf("%w: you are not a member of party %s", party.ErrNotMember, b.Name)
+		if err = party.ValidName(b.Name); err == nil {
+			if node == c.id {
+				c.reject(f.ID, errorf(CodeInvalid, "the owner cannot kick itself: leave the party instead"))
+				return
 			}
-			if p.Owner != c.id {
-				return false, fmt.Errorf("%w: only the owner of party %s (%s) can remove members", party.ErrNotOwner, b.Name, p.Owner.Short())
-			}
-			if !p.Remove(node) {
-				return false, fmt.Errorf("%w: %s is not a member of party %s", party.ErrNotMember, node.Short(), b.Name)
-			}
-			return true, nil
-		})
-		if err == nil {
-			err = s.removeMembership(ctx, node, b.Name)
+			err = c.kickFromParty(ctx, b.Name, node)
 		}
-		if err != nil {
-			c.partyFail(f.ID, err)
-			return
-		}
-		c.send(AppendFrame(nil, f.ID, TypeOK, []byte("{}")))
 
 	case TypePartyGet:
 		b, ok := partyBody[partyNameBody](c, f)
 		if !ok {
 			return
 		}
-		if err := party.ValidName(b.Name); err != nil {
-			c.partyFail(f.ID, err)
-			return
-		}
-		p, _, err := s.loadParty(ctx, b.Name)
-		if err == nil {
-			if _, ok := p.Member(c.id); !ok {
-				err = fmt.Errorf("%w: only members see party %s", party.ErrNotMember, b.Name)
-			}
-		}
-		if err != nil {
-			c.partyFail(f.ID, err)
-			return
-		}
-		c.sendParty(ctx, f.ID, p)
+		p, err = c.getParty(ctx, b.Name)
 
 	case TypePartyList:
-		names, _, err := s.readMemberships(ctx, c.id)
-		if err != nil {
-			c.partyFail(f.ID, err)
+		var names []string
+		if names, _, err = c.s.readMemberships(ctx, c.id); err == nil {
+			slices.Sort(names)
+			c.send(c.frame(f.ID, TypeParties, partiesBody{Names: append([]string{}, names...)}))
 			return
 		}
-		slices.Sort(names)
-		c.send(c.frame(f.ID, TypeParties, partiesBody{Names: append([]string{}, names...)}))
 	}
+	switch {
+	case err != nil:
+		c.partyFail(f.ID, err)
+	case p != nil:
+		c.sendParty(ctx, f.ID, p)
+	default:
+		c.send(AppendFrame(nil, f.ID, TypeOK, []byte("{}")))
+	}
+}
+
+// leaveParty takes c's node out of a party, and the party out of its membership list.
+func (c *conn) leaveParty(ctx context.Context, name string) error {
+	if err := party.ValidName(name); err != nil {
+		return err
+	}
+	s := c.s
+	_, err := s.changeParty(ctx, name, func(p *party.Party) (bool, error) {
+		if !p.Remove(c.id) {
+			return false, fmt.Errorf("%w: you are not a member of party %s", party.ErrNotMember, name)
+		}
+		return true, nil
+	})
+	// The index follows the party, and also loses names of parties that are gone.
+	if err == nil || errors.Is(err, party.ErrNoParty) || errors.Is(err, party.ErrNotMember) {
+		if ierr := s.removeMembership(ctx, c.id, name); ierr != nil && err == nil {
+			err = ierr
+		}
+	}
+	return err
+}
+
+// kickFromParty removes node from a party c's node owns.
+func (c *conn) kickFromParty(ctx context.Context, name string, node identity.NodeID) error {
+	_, err := c.s.changeParty(ctx, name, func(p *party.Party) (bool, error) {
+		if _, ok := p.Member(c.id); !ok {
+			return false, fmt.Errorf("%w: you are not a member of party %s", party.ErrNotMember, name)
+		}
+		if p.Owner != c.id {
+			return false, fmt.Errorf("%w: only the owner of party %s (%s) can remove members", party.ErrNotOwner, name, p.Owner.Short())
+		}
+		if !p.Remove(node) {
+			return false, fmt.Errorf("%w: %s is not a member of party %s", party.ErrNotMember, node.Short(), name)
+		}
+		return true, nil
+	})
+	if err != nil {
+		return err
+	}
+	return c.s.removeMembership(ctx, node, name)
+}
+
+// getParty returns a party to one of its members.
+func (c *conn) getParty(ctx context.Context, name string) (*party.Party, error) {
+	if err := party.ValidName(name); err != nil {
+		return nil, err
+	}
+	p, _, err := c.s.loadParty(ctx, name)
+	if err != nil {
+		return nil, err
+	}
+	if _, ok := p.Member(c.id); !ok {
+		return nil, fmt.Errorf("%w: only members see party %s", party.ErrNotMember, name)
+	}
+	return p, nil
 }
 
 func (c *conn) createParty(ctx context.Context, name string) (*party.Party, error) {

@@ -79,10 +79,16 @@ Flags:
 		return err
 	}
 	a := &agent{nf: nf, id: id, idle: *idle, stdout: stdout, stderr: stderr, log: nf.logger(stderr), state: newAgentState()}
-	if *httpAddr != "" {
-		ln, err := net.Listen("tcp", httpListenAddr(*httpAddr))
+	return a.serve(ctx, *httpAddr)
+}
+
+// serve runs the agent, with its dashboard, status API and /metrics on httpAddr
+// unless that is empty.
+func (a *agent) serve(ctx context.Context, httpAddr string) error {
+	if httpAddr != "" {
+		ln, err := net.Listen("tcp", httpListenAddr(httpAddr))
 		if err != nil {
-			return fmt.Errorf("agent HTTP API: %w (is --http %s free?)", err, *httpAddr)
+			return fmt.Errorf("agent HTTP API: %w (is --http %s free?)", err, httpAddr)
 		}
 		hs := a.state.serveHTTP(ln)
 		defer hs.Close()

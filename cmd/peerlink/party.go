@@ -98,11 +98,12 @@ Flags:
 	}
 	if sub == "invite" {
 		// The token is signed here; the server checks it when someone joins.
-		tok, err := party.NewInvite(id, arg(pos, 0), *ttl, time.Now())
+		now := time.Now()
+		tok, err := party.NewInvite(id, arg(pos, 0), *ttl, now)
 		if err != nil {
 			return err
 		}
-		return printResult(stdout, *asJSON, map[string]any{"party": arg(pos, 0), "token": tok, "expires": time.Now().Add(*ttl).UTC()}, tok)
+		return printResult(stdout, *asJSON, map[string]any{"party": arg(pos, 0), "token": tok, "expires": now.Add(*ttl).UTC()}, tok)
 	}
 	sig, err := nf.dial(ctx, id, nil)
 	if err != nil {
@@ -119,7 +120,7 @@ Flags:
 		}
 		return printParty(stdout, *asJSON, p, id.NodeID(), "created")
 	case "join":
-		p, err := sig.JoinParty(ctx, strings.TrimSpace(arg(pos, 0)))
+		p, err := sig.JoinParty(ctx, arg(pos, 0)) // the server ignores spaces around a pasted token
 		if err != nil {
 			return err
 		}
@@ -267,7 +268,7 @@ Flags:
 	case fs.NArg() > 0:
 		return fmt.Errorf("%w: unexpected argument %q", errUsage, fs.Arg(0))
 	case po.name == "" && po.invite != "":
-		inv, err := party.ParseInvite(strings.TrimSpace(po.invite))
+		inv, err := party.ParseInvite(po.invite)
 		if err != nil {
 			return err
 		}
@@ -292,16 +293,7 @@ Flags:
 		return err
 	}
 	a := &agent{nf: nf, id: id, idle: 5 * time.Minute, stdout: stdout, stderr: stderr, log: nf.logger(stderr), state: newAgentState(), party: &po}
-	if *httpAddr != "" {
-		ln, err := net.Listen("tcp", httpListenAddr(*httpAddr))
-		if err != nil {
-			return fmt.Errorf("HTTP API: %w (is --http %s free?)", err, *httpAddr)
-		}
-		hs := a.state.serveHTTP(ln)
-		defer hs.Close()
-		a.httpURL = "http://" + ln.Addr().String() + "/"
-	}
-	return a.run(ctx)
+	return a.serve(ctx, *httpAddr)
 }
 
 // controlPath is where peerlink up listens for status and down by default.
@@ -346,9 +338,9 @@ func serveControl(path string, dev *partynet.Device, down func()) (io.Closer, er
 		w.(http.Flusher).Flush()
 		down()
 	})
-	hs := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
-	go hs.Serve(ln)
-	return hs, nil
+	h := &agentHTTP{hs: &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}, done: make(chan struct{})}
+	h.wg.Go(func() { h.hs.Serve(ln) })
+	return h, nil
 }
 
 // controlClient talks to a running peerlink up over its control socket.
@@ -500,7 +492,7 @@ func (a *agent) upParty(ctx context.Context, sig *signal.Client, node *connect.N
 	po := a.party
 	if po.invite != "" {
 		jctx, cancel := context.WithTimeout(ctx, 15*time.Second)
-		_, err := sig.JoinParty(jctx, strings.TrimSpace(po.invite))
+		_, err := sig.JoinParty(jctx, po.invite)
 		cancel()
 		if err != nil {
 			return nil, nil, fmt.Errorf("joining party %s: %w", po.name, err)

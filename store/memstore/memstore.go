@@ -101,18 +101,9 @@ func (s *Store) putLocked(b store.Bucket, m map[string]item, key string, value [
 }
 
 // Get returns the live value under key or store.ErrNotFound.
-func (s *Store) Get(_ context.Context, b store.Bucket, key string) ([]byte, error) {
-	s.mu.RLock()
-	defer s.mu.RUnlock()
-	m, err := s.bucket(b)
-	if err != nil {
-		return nil, err
-	}
-	it, ok := m[key]
-	if !ok || !s.clock.Now().Before(it.expires) {
-		return nil, store.ErrNotFound
-	}
-	return append([]byte(nil), it.value...), nil
+func (s *Store) Get(ctx context.Context, b store.Bucket, key string) ([]byte, error) {
+	v, _, err := s.GetRev(ctx, b, key)
+	return v, err
 }
 
 // GetRev returns the live value under key and its revision, or store.ErrNotFound.

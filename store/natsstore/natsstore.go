@@ -187,18 +187,8 @@ func (s *Store) Put(ctx context.Context, b store.Bucket, key string, value []byt
 
 // Get returns the value under key or store.ErrNotFound.
 func (s *Store) Get(ctx context.Context, b store.Bucket, key string) ([]byte, error) {
-	kv, err := s.bucket(b)
-	if err != nil {
-		return nil, err
-	}
-	e, err := kv.Get(ctx, key)
-	if errors.Is(err, jetstream.ErrKeyNotFound) || errors.Is(err, jetstream.ErrKeyDeleted) {
-		return nil, store.ErrNotFound
-	}
-	if err != nil {
-		return nil, fmt.Errorf("natsstore: get %s/%s: %w", b, key, err)
-	}
-	return e.Value(), nil
+	v, _, err := s.GetRev(ctx, b, key)
+	return v, err
 }
 
 // GetRev returns the value under key and its revision (the stream sequence of the
